@@ -1,0 +1,31 @@
+"""Backends: how replicas are kept in step. Only this package imports horovod or mpi4py."""
+from __future__ import annotations
+
+from hvdtrain.backends.base import Backend
+from hvdtrain.config import ConfigError, TrainConfig
+
+INSTALL_HINT = "run `make install` (mpi_jobs/install.sh) to build it into the virtualenv"
+
+
+def make_backend(cfg: TrainConfig) -> Backend:
+    """Start the communication library for `cfg.sync.backend` (this is the first MPI call)."""
+    name = cfg.sync.backend
+    if name == "single":
+        from hvdtrain.backends.single import SingleBackend
+        return SingleBackend()
+    if name == "horovod":
+        try:
+            from hvdtrain.backends.horovod import HorovodBackend
+        except ImportError as exc:
+            raise ConfigError(f"backend 'horovod' needs Horovod with PyTorch support, which cannot be "
+                              f"imported ({exc}); {INSTALL_HINT}, or use --backend mpi") from None
+        return HorovodBackend(cfg.sync, cfg.optim)
+    try:
+        from hvdtrain.backends.mpi import MPIBackend
+    except ImportError as exc:
+        raise ConfigError(f"backend 'mpi' needs mpi4py, which cannot be imported ({exc}); "
+                          f"{INSTALL_HINT}") from None
+    return MPIBackend(cfg.sync)
+
+
+__all__ = ["Backend", "make_backend"]

@@ -1,0 +1,142 @@
+"""MPI fallback: broadcast from rank 0, local steps, weighted parameter averaging every k steps.
+
+The averaging rule (DESIGN.md): theta_i <- theta_i + alpha (sum_j w_j theta_j - theta_i), done
+as one in-place SUM allreduce of a flat buffer that each rank pre-scales by its own w_i.
+This is the only module (with ring.py) that imports mpi4py.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+import torch
+from mpi4py import MPI
+
+from hvdtrain.backends.base import Backend, ring_bytes
+from hvdtrain.config import SyncConfig
+
+
+class FlatAverager:
+    """Keeps `params` as views into one flat buffer so a sync is: scale, allreduce, (mix).
+
+    On CPU the buffer is shared with the parameters (no copies); on a GPU the flat device
+    tensor is staged through a host buffer.
+    """
+
+    def __init__(self, comm: Any, params: list[torch.Tensor], weight: float, alpha: float = 1.0,
+                 allreduce: str = "native") -> None:
+        self.comm, self.weight, self.alpha, self.allreduce = comm, weight, alpha, allreduce
+        params = [p for p in params]
+        dtype = params[0].dtype
+        device = params[0].device
+        total = sum(p.numel() for p in params)
+        self.flat = torch.empty(total, dtype=dtype, device=device)
+        offset = 0
+        for p in params:  # hvdtrain: parameters become views of the flat buffer
+            n = p.numel()
+            self.flat[offset:offset + n].copy_(p.detach().reshape(-1))
+            p.data = self.flat[offset:offset + n].view_as(p)
+            offset += n
+        self.host = self.flat.numpy() if device.type == "cpu" else np.empty(total, np.dtype(str(dtype)[6:]))
+        self.prev = np.empty_like(self.host) if alpha < 1 else None
+        self.nbytes = self.host.nbytes
+
+    def _allreduce(self) -> None:
+        if self.allreduce == "ring":
+            from hvdtrain.backends.ring import ring_allreduce_
+            ring_allreduce_(self.comm, self.host)
+        else:
+            self.comm.Allreduce(MPI.IN_PLACE, self.host, op=MPI.SUM)
+
+    def sync(self) -> None:
+        on_host = self.flat.device.type == "cpu"
+        if not on_host:
+            self.host[...] = self.flat.cpu().numpy()
+        if self.prev is not None:
+            np.copyto(self.prev, self.host)
+        if self.weight != 1.0:
+            np.multiply(self.host, self.weight, out=self.host)
+        self._allreduce()
+        if self.prev is not None:  # theta + alpha (theta_bar - theta)
+            np.subtract(self.host, self.prev, out=self.host)
+            np.multiply(self.host, self.alpha, out=self.host)
+            np.add(self.host, self.prev, out=self.host)
+        if not on_host:
+            self.flat.copy_(torch.from_numpy(self.host))
+
+    def broadcast(self, root: int = 0) -> None:
+        if self.flat.device.type != "cpu":
+            self.host[...] = self.flat.cpu().numpy()
+        self.comm.Bcast(self.host, root=root)
+        if self.flat.device.type != "cpu":
+            self.flat.copy_(torch.from_numpy(self.host))
+
+
+class MPIBackend(Backend):
+    name = "mpi"
+    replicas_identical = False  # between syncs, and always for optimizer state
+
+    def __init__(self, sync: SyncConfig) -> None:
+        self.comm = MPI.COMM_WORLD
+        local = self.comm.Split_type(MPI.COMM_TYPE_SHARED, key=self.comm.rank)
+        super().__init__(self.comm.rank, self.comm.size, local.rank, local.size)
+        local.Free()
+        self.sync_cfg = sync
+        self.averager: FlatAverager | None = None
+        self._last_sync = 0
+
+    def attach(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+               weights: list[float]) -> torch.optim.Optimizer:
+        params = [p for p in model.parameters()]
+        self.averager = FlatAverager(self.comm, params, weights[self.rank], self.sync_cfg.alpha,
+                                     self.sync_cfg.mpi_allreduce)
+        return optimizer
+
+    def _sync(self) -> None:
+        assert self.averager is not None
+        start = time.perf_counter()
+        self.averager.sync()
+        self.comm_seconds += time.perf_counter() - start
+        self.bytes_sent += ring_bytes(self.averager.nbytes, self.size)
+
+    def after_step(self, step: int, model: torch.nn.Module) -> bool:
+        if step % self.sync_cfg.sync_every:
+            return False
+        self._sync()
+        self._last_sync = step
+        return True
+
+    def finish(self, model: torch.nn.Module, step: int) -> None:
+        if step != self._last_sync:
+            self._sync()
+            self._last_sync = step
+
+    def broadcast_state(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        assert self.averager is not None, "attach() before broadcast_state()"
+        self.averager.broadcast(0)
+        for name, buf in model.named_buffers():  # e.g. batch-norm statistics
+            buf.copy_(self.comm.bcast(buf.detach().cpu() if self.rank == 0 else None, root=0))
+        state = self.comm.bcast(optimizer.state_dict() if self.rank == 0 else None, root=0)
+        if self.rank != 0:
+            optimizer.load_state_dict(state)
+
+    def allreduce_sum(self, values: np.ndarray) -> np.ndarray:
+        buf = np.array(values, dtype=np.float64)
+        self.comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
+        return buf
+
+    def broadcast_object(self, obj: Any, root: int = 0) -> Any:
+        return self.comm.bcast(obj, root=root)
+
+    def allgather_object(self, obj: Any) -> list[Any]:
+        return self.comm.allgather(obj)
+
+    def gather_object(self, obj: Any, root: int = 0) -> list[Any] | None:
+        return self.comm.gather(obj, root=root)
+
+    def barrier(self) -> None:
+        self.comm.Barrier()
+
+    def abort(self, code: int) -> None:
+        self.comm.Abort(code)

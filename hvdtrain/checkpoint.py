@@ -1,0 +1,81 @@
+"""Checkpoints: written atomically by rank 0, loaded with weights_only=True (no code runs on load)."""
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hvdtrain.config import ConfigError
+
+FORMAT = 1
+_NAME = re.compile(r"^ckpt-(\d{8})\.pt$")
+
+
+def atomic_torch_save(obj: Any, path: str | Path) -> None:
+    """torch.save to a temp file in the same folder, fsync, then rename over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(text: str, path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def checkpoint_path(folder: str | Path, step: int) -> Path:
+    return Path(folder) / f"ckpt-{step:08d}.pt"
+
+
+def latest_checkpoint(folder: str | Path) -> Path | None:
+    folder = Path(folder)
+    if not folder.is_dir():
+        return None
+    found = sorted(p for p in folder.iterdir() if _NAME.match(p.name))
+    return found[-1] if found else None
+
+
+def save_checkpoint(folder: str | Path, step: int, payload: dict[str, Any], keep: int = 3) -> Path:
+    """Write ckpt-<step>.pt atomically and keep only the newest `keep` checkpoints."""
+    path = checkpoint_path(folder, step)
+    atomic_torch_save({"format": FORMAT, **payload}, path)
+    old = sorted(p for p in Path(folder).iterdir() if _NAME.match(p.name))[:-keep]
+    for p in old:
+        p.unlink(missing_ok=True)
+    return path
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a damaged or foreign file
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"checkpoint {str(path)!r} cannot be loaded ({first}); delete it to resume "
+                          f"from the one before, or start without --resume") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise ConfigError(f"checkpoint {str(path)!r} is not an hvdtrain checkpoint (format "
+                          f"{FORMAT}); start without --resume or pass another --out")
+    return ckpt

@@ -1,0 +1,198 @@
+"""Command line: `hvdtrain train|data|compare|bench|doctor` (also `python -m hvdtrain ...`).
+
+Configuration is parsed and validated here, before any MPI call; errors are one line on
+stderr with exit code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import time
+from typing import Any, Callable
+
+from hvdtrain import __version__
+from hvdtrain.config import ConfigError, load_config
+
+EXIT_USAGE = 2
+EXIT_NUMERICAL = 3
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (no usage dump) and exit code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        sys.stderr.write(f"hvdtrain: error: {message}; see `{self.prog} --help`\n")
+        sys.exit(EXIT_USAGE)
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers") from None
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
+
+
+# flag -> (config section or None, key, type)
+TRAIN_FLAGS: dict[str, tuple[str | None, str, Any, str]] = {
+    "--backend": ("sync", "backend", str, "horovod (gradient allreduce), mpi (parameter averaging), single"),
+    "--data": ("data", "path", str, "data folder, or built-in set: regression, digits"),
+    "--rows": ("data", "rows", int, "rows of a built-in regression set"),
+    "--partition": ("data", "partition", str, "block or random split of samples over ranks"),
+    "--model": ("model", "name", str, "net (10-20-1 regression) or mlp"),
+    "--hidden": ("model", "hidden", _ints, "mlp widths, e.g. 256,256"),
+    "--dtype": ("model", "dtype", str, "float32 or float64"),
+    "--optimizer": ("optim", "name", str, "sgd or adam"),
+    "--lr": ("optim", "lr", float, "learning rate"),
+    "--momentum": ("optim", "momentum", float, "SGD momentum"),
+    "--sync-every": ("sync", "sync_every", int, "mpi: average parameters every k steps"),
+    "--alpha": ("sync", "alpha", float, "mpi: mixing rate in (0, 1]"),
+    "--weights": ("sync", "weights", _floats, "mpi: per-rank averaging weights, e.g. 0.25,0.75"),
+    "--mpi-allreduce": ("sync", "mpi_allreduce", str, "mpi: native or ring"),
+    "--backward-passes-per-step": ("sync", "backward_passes_per_step", int, "micro-batches per step"),
+    "--epochs": (None, "epochs", int, "passes over each rank's block"),
+    "--batch-size": (None, "batch_size", int, "samples per rank per step"),
+    "--seed": (None, "seed", int, "seed for init, data and shuffles"),
+    "--out": (None, "out", str, "output folder"),
+    "--checkpoint-every": (None, "checkpoint_every", int, "checkpoint every N steps (0: at the end)"),
+    "--log-every": (None, "log_every", int, "average the loss over ranks every N steps"),
+    "--threads": (None, "threads", int, "torch threads per rank (0: cores / local ranks)"),
+}
+TRAIN_SWITCHES = {"--resume": (None, "resume"), "--overwrite": (None, "overwrite"),
+                  "--fp16": ("sync", "fp16"), "--scale-lr": ("optim", "scale_lr")}
+
+
+def add_train_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="TOML file; command-line flags override it")
+    for flag, (_, _, typ, text) in TRAIN_FLAGS.items():
+        p.add_argument(flag, type=typ, default=None, help=text)
+    for flag in TRAIN_SWITCHES:
+        p.add_argument(flag, action="store_true", default=None)
+
+
+def overrides_from(args: argparse.Namespace) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    specs = {**{f: (s, k) for f, (s, k, _, _) in TRAIN_FLAGS.items()}, **TRAIN_SWITCHES}
+    for flag, (section, key) in specs.items():
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if value is not None:
+            (out.setdefault(section, {}) if section else out)[key] = value
+    return out
+
+
+class StopFlag:
+    """SIGTERM / SIGUSR1 (Slurm's --signal, a time limit, preemption) ask for a clean stop."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._set)
+
+    def _set(self, signum: int, frame: Any) -> None:
+        self.requested = True
+
+    def __call__(self) -> bool:
+        return self.requested
+
+
+def _fail(message: str, rank: int, size: int, abort: Callable[[int], None] | None, code: int) -> int:
+    """One line on stderr; in a multi-rank job rank 0 speaks first and the job is ended."""
+    if size > 1 and rank != 0:
+        time.sleep(1.0)  # if rank 0 hit the same error its abort ends us before we repeat it
+    prefix = f"hvdtrain: error (rank {rank}): " if size > 1 and rank != 0 else "hvdtrain: error: "
+    sys.stderr.write(prefix + message + "\n")
+    sys.stderr.flush()
+    if abort is not None and size > 1:
+        abort(code)
+    return code
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from hvdtrain.train import EXIT_PREEMPTED, NumericalError, Preempted, train
+    from hvdtrain.backends import make_backend
+
+    try:
+        cfg = load_config(args.config, overrides_from(args))
+        stop = StopFlag()
+        backend = make_backend(cfg)
+    except ConfigError as exc:
+        return _fail(str(exc), 0, 1, None, EXIT_USAGE)
+    rank, size = backend.rank, backend.size
+    try:
+        summary = train(cfg, backend, stop)
+    except ConfigError as exc:
+        return _fail(str(exc), rank, size, backend.abort, EXIT_USAGE)
+    except NumericalError as exc:  # every rank raises it together
+        if rank == 0:
+            sys.stderr.write(f"hvdtrain: error: {exc}\n")
+        backend.shutdown()
+        return EXIT_NUMERICAL
+    except Preempted as exc:
+        if rank == 0:
+            sys.stderr.write(f"hvdtrain: {exc}\n")
+        backend.shutdown()
+        return EXIT_PREEMPTED
+    except BaseException:
+        import traceback
+        traceback.print_exc()
+        sys.stderr.write(f"hvdtrain: rank {rank} failed; ending the job\n")
+        sys.stderr.flush()
+        backend.abort(1)
+        return 1
+    if summary is not None:
+        tail = (f"eval_accuracy {summary['eval_accuracy']:.4f}" if "eval_accuracy" in summary
+                else f"eval_loss {summary['eval_loss']:.5g}")
+        print(f"hvdtrain: {summary['backend']} x{summary['world_size']}: {summary['steps']} steps, "
+              f"final_loss {summary['final_loss']:.5g}, {tail}, {summary['samples_per_sec']:.0f} samples/s, "
+              f"{summary['wall_seconds']:.2f} s; wrote {cfg.out}/summary.json")
+    backend.shutdown()
+    return 0
+
+
+def cmd_data_make(args: argparse.Namespace) -> int:
+    from hvdtrain.data import make_dataset
+    try:
+        folder = make_dataset(args.name, args.out, rows=args.rows, seed=args.seed)
+    except ConfigError as exc:
+        return _fail(str(exc), 0, 1, None, EXIT_USAGE)
+    except OSError as exc:
+        return _fail(f"cannot write {args.out!r} ({exc.strerror}); choose a writable --out", 0, 1, None,
+                     EXIT_USAGE)
+    print(f"hvdtrain: wrote {args.name} to {folder}")
+    return 0
+
+
+def build_parser() -> Parser:
+    parser = Parser(prog="hvdtrain", description="Data-parallel PyTorch training over MPI and Horovod.")
+    parser.add_argument("--version", action="version", version=f"hvdtrain {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+
+    train = sub.add_parser("train", help="train a model on this rank's data block")
+    add_train_flags(train)
+    train.set_defaults(func=cmd_train)
+
+    data = sub.add_parser("data", help="write built-in data sets")
+    data_sub = data.add_subparsers(dest="data_command", required=True, parser_class=Parser)
+    make = data_sub.add_parser("make", help="write a built-in set to a folder")
+    make.add_argument("name", help="regression or digits")
+    make.add_argument("--rows", type=int, default=100_000)
+    make.add_argument("--seed", type=int, default=0)
+    make.add_argument("--out", required=True)
+    make.set_defaults(func=cmd_data_make)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,161 @@
+#!/usr/bin/env bash
+# hvdtrain's one install step, shared by the Makefile, CI and the Dockerfile.
+# Idempotent: each stage checks what is already there and says so; re-running
+# on an installed tree changes nothing.
+#
+# Environment:
+#   HVDTRAIN_VENV         virtualenv to create/use            (default: <repo>/.venv)
+#   HVDTRAIN_PYTHON       interpreter for a new virtualenv     (default: python3)
+#   HVDTRAIN_TORCH_SPEC   pip spec for torch                   (default: torch==2.13.0)
+#   HVDTRAIN_WITH_NCCL    1 = build Horovod with NCCL GPU operations (needs CUDA torch + nvcc)
+#   HVDTRAIN_CACHE        where built Horovod wheels are kept  (default: ~/.cache/hvdtrain)
+#   HVDTRAIN_HOROVOD_SDIST a local horovod-0.28.1.tar.gz to build from (no download)
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${HVDTRAIN_VENV:-$ROOT/.venv}"
+PY_BOOT="${HVDTRAIN_PYTHON:-python3}"
+TORCH_SPEC="${HVDTRAIN_TORCH_SPEC:-torch==2.13.0}"
+WITH_NCCL="${HVDTRAIN_WITH_NCCL:-0}"
+CACHE="${HVDTRAIN_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/hvdtrain}"
+HOROVOD_VERSION=0.28.1
+CHANGED=0
+
+say() { echo "[install] $*"; }
+changed() { CHANGED=1; say "$*"; }
+
+# --- 1. system packages: Open MPI and a C++ toolchain ------------------------
+need_apt=()
+command -v mpirun >/dev/null 2>&1 || need_apt+=(openmpi-bin)
+command -v mpicxx >/dev/null 2>&1 || need_apt+=(libopenmpi-dev)
+command -v g++ >/dev/null 2>&1 || need_apt+=(g++)
+command -v make >/dev/null 2>&1 || need_apt+=(make)
+command -v cmake >/dev/null 2>&1 || need_apt+=(cmake)
+"$PY_BOOT" -c 'import venv, ensurepip' >/dev/null 2>&1 || need_apt+=(python3-venv)
+if ((${#need_apt[@]})); then
+  if [ "$(id -u)" != 0 ]; then
+    echo "hvdtrain install: missing system packages; run: sudo apt-get install -y ${need_apt[*]}" >&2
+    exit 1
+  fi
+  changed "apt-get install ${need_apt[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
+else
+  say "ok: system packages (Open MPI, g++, make, cmake) present"
+fi
+cmake_major="$(cmake --version | head -1 | sed -E 's/[^0-9]*([0-9]+)\..*/\1/')"
+if [ "$cmake_major" -ge 4 ]; then
+  echo "hvdtrain install: cmake $(cmake --version | head -1) is too new for Horovod's bundled gloo; put cmake 3.x (apt-get install cmake) first on PATH" >&2
+  exit 1
+fi
+
+# --- 2. virtualenv with torch, numpy, mpi4py, pytest -------------------------
+if [ ! -x "$VENV/bin/python" ]; then
+  changed "creating virtualenv $VENV"
+  "$PY_BOOT" -m venv "$VENV"
+  "$VENV/bin/python" -m pip install -q --upgrade pip setuptools wheel
+else
+  say "ok: virtualenv $VENV"
+fi
+PY="$VENV/bin/python"
+PIP=("$PY" -m pip install -q --disable-pip-version-check)
+export PATH="$VENV/bin:$PATH"
+
+# `pip install --dry-run` would cost a resolver round trip; compare versions locally instead.
+torch_ok() { "$PY" - "$TORCH_SPEC" <<'PY'
+import sys
+from importlib import metadata
+from packaging.requirements import Requirement
+req = Requirement(sys.argv[1])
+try:
+    have = metadata.version(req.name)
+except metadata.PackageNotFoundError:
+    sys.exit(1)
+sys.exit(0 if (not req.specifier or req.specifier.contains(have, prereleases=True)) else 1)
+PY
+}
+"$PY" -c 'import packaging' 2>/dev/null || "${PIP[@]}" packaging
+if torch_ok; then
+  say "ok: $("$PY" -c 'import torch; print("torch", torch.__version__)')"
+else
+  changed "pip install $TORCH_SPEC"
+  "${PIP[@]}" "$TORCH_SPEC"
+fi
+
+missing_py=()
+for mod in numpy pytest; do "$PY" -c "import $mod" 2>/dev/null || missing_py+=("$mod"); done
+if ((${#missing_py[@]})); then
+  changed "pip install ${missing_py[*]}"
+  "${PIP[@]}" "${missing_py[@]}"
+else
+  say "ok: numpy, pytest"
+fi
+# mpi4py is built from source so it links the same libmpi as Horovod.
+if "$PY" -c 'import mpi4py' 2>/dev/null; then
+  say "ok: mpi4py $("$PY" -c 'import mpi4py; print(mpi4py.__version__)')"
+else
+  changed "building mpi4py against $(command -v mpicc)"
+  MPICC="$(command -v mpicc)" "${PIP[@]}" --no-binary mpi4py --no-cache-dir mpi4py
+fi
+
+# --- 3. Horovod, built against this torch, wheel cached ------------------------
+key="$("$PY" -c 'import sys, torch; v = torch.__version__.replace("+", "_"); print("torch%s-py%d%d" % (v, *sys.version_info[:2]))')"
+[ "$WITH_NCCL" = 1 ] && key="$key-nccl"
+wheel_dir="$CACHE/wheels/horovod-$HOROVOD_VERSION-$key"
+stamp="$VENV/.horovod-build-key"
+
+if "$PY" -c 'import horovod.torch' 2>/dev/null && [ "$(cat "$stamp" 2>/dev/null)" = "$key" ]; then
+  say "ok: horovod $HOROVOD_VERSION ($key)"
+else
+  if ! ls "$wheel_dir"/horovod-*.whl >/dev/null 2>&1; then
+    changed "building horovod $HOROVOD_VERSION for $key (a few minutes)"
+    work="$(mktemp -d)"
+    trap 'rm -rf "$work"' EXIT
+    sdist="${HVDTRAIN_HOROVOD_SDIST:-}"
+    if [ -z "$sdist" ]; then
+      "$PY" -m pip download -q --no-deps --no-binary :all: "horovod==$HOROVOD_VERSION" -d "$work"
+      sdist="$work/horovod-$HOROVOD_VERSION.tar.gz"
+    fi
+    tar -xzf "$sdist" -C "$work"
+    src="$work/horovod-$HOROVOD_VERSION"
+    # torch >= 2.1 headers need C++17; Horovod 0.28.1 pins C++14 in two places.
+    sed -i 's/set(CMAKE_CXX_STANDARD 14)/set(CMAKE_CXX_STANDARD 17)/' \
+      "$src/CMakeLists.txt" "$src/horovod/torch/CMakeLists.txt"
+    grep -q 'CMAKE_CXX_STANDARD 14' "$src/CMakeLists.txt" "$src/horovod/torch/CMakeLists.txt" \
+      && { echo "hvdtrain install: could not patch Horovod's C++ standard" >&2; exit 1; }
+    "${PIP[@]}" cloudpickle psutil pyyaml
+    export HOROVOD_WITH_PYTORCH=1 HOROVOD_WITH_MPI=1 HOROVOD_WITH_GLOO=1
+    export HOROVOD_WITHOUT_TENSORFLOW=1 HOROVOD_WITHOUT_MXNET=1
+    if [ "$WITH_NCCL" = 1 ]; then
+      export HOROVOD_GPU_OPERATIONS=NCCL
+    else
+      export HOROVOD_CPU_OPERATIONS=MPI
+      unset HOROVOD_GPU_OPERATIONS
+    fi
+    export MAKEFLAGS="-j$(( $(nproc) + 1 ))"
+    "$PY" -m pip wheel -q --no-deps --no-build-isolation -w "$work/dist" "$src"
+    mkdir -p "$wheel_dir"
+    cp "$work"/dist/horovod-*.whl "$wheel_dir/"
+  else
+    changed "installing cached horovod wheel from $wheel_dir"
+  fi
+  "${PIP[@]}" --force-reinstall --no-deps "$wheel_dir"/horovod-*.whl
+  "${PIP[@]}" cloudpickle psutil pyyaml packaging
+  echo "$key" > "$stamp"
+fi
+
+# --- 4. hvdtrain itself, editable ------------------------------------------------
+if "$PY" -c 'import hvdtrain, os, sys; sys.exit(0 if os.path.dirname(os.path.dirname(hvdtrain.__file__)) == sys.argv[1] else 1)' "$ROOT" 2>/dev/null \
+   && [ -x "$VENV/bin/hvdtrain" ]; then
+  say "ok: hvdtrain (editable, $ROOT)"
+else
+  changed "pip install -e $ROOT"
+  "${PIP[@]}" --no-deps -e "$ROOT"
+fi
+
+if [ "$CHANGED" = 0 ]; then
+  say "nothing to do: everything already installed"
+else
+  say "done"
+fi
