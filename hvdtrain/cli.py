@@ -186,7 +186,16 @@ def build_parser() -> Parser:
     make.add_argument("--seed", type=int, default=0)
     make.add_argument("--out", required=True)
     make.set_defaults(func=cmd_data_make)
+    compare = sub.add_parser("compare", help="run the same job under each strategy; report", add_help=False)
+    compare.set_defaults(func=lambda a: _forward("hvdtrain.compare", a.rest))
+    compare.add_argument("rest", nargs=argparse.REMAINDER)
     return parser
+
+
+def _forward(module: str, argv: list[str]) -> int:
+    """Sub-commands with their own parser (compare, bench, doctor)."""
+    import importlib
+    return int(importlib.import_module(module).main(argv))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -84,12 +84,15 @@ else
 fi
 
 missing_py=()
-for mod in numpy pytest; do "$PY" -c "import $mod" 2>/dev/null || missing_py+=("$mod"); done
+for pkg in numpy pytest scikit-learn matplotlib; do
+  mod="${pkg/scikit-learn/sklearn}"
+  "$PY" -c "import $mod" 2>/dev/null || missing_py+=("$pkg")
+done
 if ((${#missing_py[@]})); then
   changed "pip install ${missing_py[*]}"
   "${PIP[@]}" "${missing_py[@]}"
 else
-  say "ok: numpy, pytest"
+  say "ok: numpy, pytest, scikit-learn, matplotlib"
 fi
 # mpi4py is built from source so it links the same libmpi as Horovod.
 if "$PY" -c 'import mpi4py' 2>/dev/null; then

@@ -1,0 +1,138 @@
+"""`hvdtrain compare`: the same job under each strategy, side by side.
+
+It writes the data once, launches each run itself (horovodrun for Horovod, mpirun for the MPI
+fallback), then collects every run's summary.json into compare.json, report.md and a table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hvdtrain import data as D
+from hvdtrain.checkpoint import atomic_write_text
+from hvdtrain.launch import horovodrun_cmd, mpirun_cmd, run
+
+
+@dataclass
+class Strategy:
+    label: str
+    launcher: str  # "horovodrun" | "mpirun"
+    flags: list[str]
+
+
+def strategies(sync_every: list[int], alpha: float, allreduce: str) -> list[Strategy]:
+    out = [Strategy("horovod", "horovodrun", ["--backend", "horovod"])]
+    for k in sync_every:
+        out.append(Strategy(f"mpi k={k}" + (f" a={alpha:g}" if alpha != 1 else ""), "mpirun",
+                            ["--backend", "mpi", "--sync-every", str(k), "--alpha", str(alpha),
+                             "--mpi-allreduce", allreduce]))
+    return out
+
+
+def _slug(label: str) -> str:
+    return label.replace(" ", "_").replace("=", "")
+
+
+def run_strategy(s: Strategy, np: int, out: Path, train_args: list[str], timeout: float) -> dict[str, Any]:
+    run_dir = out / "runs" / _slug(s.label)
+    argv = ["hvdtrain", "train", *train_args, *s.flags, "--out", str(run_dir), "--overwrite"]
+    cmd = horovodrun_cmd(np, argv) if s.launcher == "horovodrun" else mpirun_cmd(np, argv)
+    print(f"$ {' '.join(cmd)}", flush=True)
+    result = run(cmd, timeout=timeout)
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+    (out / "logs" / f"{_slug(s.label)}.log").write_text(result.stdout)
+    if result.returncode != 0:
+        tail = result.stdout.strip().splitlines()[-5:]
+        raise RuntimeError(f"{s.label} exited {result.returncode}: " + " | ".join(tail))
+    summary = json.loads((run_dir / "summary.json").read_text())
+    steps = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+    return {"label": s.label, "command": cmd, "summary": summary, "metrics": steps}
+
+
+COLUMNS = [("strategy", "label", "{}"), ("final loss", "final_loss", "{:.5g}"),
+           ("eval", "eval", "{}"), ("wall s", "wall_seconds", "{:.2f}"),
+           ("samples/s", "samples_per_sec", "{:.0f}"), ("MB sent/rank", "mb", "{:.2f}"),
+           ("comm %", "comm_pct", "{:.1f}")]
+
+
+def table_rows(results: list[dict[str, Any]]) -> list[list[str]]:
+    rows = []
+    for r in results:
+        s = r["summary"]
+        values = {**s, "label": r["label"], "mb": s["bytes_communicated"] / 1e6,
+                  "comm_pct": 100 * s["comm_seconds"] / max(s["train_seconds"], 1e-9),
+                  "eval": (f"acc {s['eval_accuracy']:.4f}" if "eval_accuracy" in s
+                           else f"loss {s['eval_loss']:.5g}")}
+        rows.append([fmt.format(values[key]) for _, key, fmt in COLUMNS])
+    return rows
+
+
+def format_table(results: list[dict[str, Any]], markdown: bool = False) -> str:
+    head = [name for name, _, _ in COLUMNS]
+    rows = table_rows(results)
+    widths = [max(len(x) for x in col) for col in zip(head, *rows)]
+    if markdown:
+        lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+        return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+    fmt = lambda cells: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
+    return "\n".join([fmt(head), fmt(["-" * w for w in widths])] + [fmt(r) for r in rows])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from hvdtrain.cli import Parser
+    p = Parser(prog="hvdtrain compare", description=__doc__)
+    p.add_argument("--np", type=int, default=2, help="ranks per run")
+    p.add_argument("--out", default="runs/compare", help="report folder")
+    p.add_argument("--data", default="regression", help="built-in set or data folder")
+    p.add_argument("--rows", type=int, default=100_000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sync-every", default="1,4,16", help="MPI fallback k values, comma-separated")
+    p.add_argument("--alpha", type=float, default=1.0)
+    p.add_argument("--mpi-allreduce", default="native", choices=["native", "ring"])
+    p.add_argument("--timeout", type=float, default=1800, help="seconds per run")
+    return p
+
+
+def main(argv: list[str]) -> int:
+    args, train_args = build_parser().parse_known_args(argv)
+    if args.np < 1:
+        sys.stderr.write(f"hvdtrain: error: --np must be >= 1, got {args.np}; use e.g. --np 2\n")
+        return 2
+    try:
+        ks = [int(k) for k in args.sync_every.split(",") if k.strip()]
+    except ValueError:
+        sys.stderr.write(f"hvdtrain: error: --sync-every {args.sync_every!r} must be integers like 1,4,16\n")
+        return 2
+    out = Path(args.out)
+    folder = Path(args.data)
+    if args.data in D.BUILTINS:
+        folder = D.builtin_folder(out, args.data, args.rows, args.seed)
+        if not (folder / "meta.json").is_file():
+            D.make_dataset(args.data, folder, rows=args.rows, seed=args.seed)
+    common = ["--data", str(folder), "--seed", str(args.seed), *train_args]
+    results = []
+    for s in strategies(ks, args.alpha, args.mpi_allreduce):
+        try:
+            results.append(run_strategy(s, args.np, out, common, args.timeout))
+        except RuntimeError as exc:
+            sys.stderr.write(f"hvdtrain: error: run {exc}; see {out}/logs\n")
+            return 1
+    title = f"hvdtrain compare: {args.np} ranks, data {folder.name}, seed {args.seed}"
+    table = format_table(results)
+    print(f"\n{title}\n{table}")
+    atomic_write_text(json.dumps({"np": args.np, "data": str(folder), "train_args": common,
+                                  "runs": [{k: r[k] for k in ("label", "command", "summary")} for r in results]},
+                                 indent=2) + "\n", out / "compare.json")
+    report = [f"# {title}", "", format_table(results, markdown=True), ""]
+    try:
+        from hvdtrain.plots import compare_plots
+        report += [f"![{name}]({name})" for name in compare_plots(results, out, title)]
+    except ImportError:
+        pass
+    atomic_write_text("\n".join(report) + "\n", out / "report.md")
+    print(f"\nwrote {out}/report.md, {out}/compare.json")
+    return 0
