@@ -153,7 +153,7 @@ def train(cfg: TrainConfig, backend: Backend,
     for epoch in range(step // steps_epoch, cfg.epochs):
         order = torch.from_numpy(D.epoch_order(len(X), epoch, rank, cfg.seed)).to(device)
         for s in range(step - epoch * steps_epoch, steps_epoch):
-            optimizer.zero_grad(set_to_none=True)
+            optimizer.zero_grad()
             step_loss = torch.zeros((), dtype=X.dtype, device=device)
             for m in range(micro):
                 idx = order[(s * micro + m) * cfg.batch_size:(s * micro + m + 1) * cfg.batch_size]

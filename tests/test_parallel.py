@@ -5,6 +5,7 @@ tests/parallel/conftest.py), and a hang is killed by the timeout, so either fail
 """
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import pytest
 from hvdtrain.launch import horovodrun_cmd, launcher_env, mpirun_cmd, run
 
 HERE = Path(__file__).parent
-PYTEST = ["pytest", "-q", "-p", "no:cacheprovider", "-x"]
+PYTEST = ["pytest", "-q", "-p", "no:cacheprovider", "-x", "--color=no"]
 
 # (file, launcher, ranks, timeout s): odd and even sizes under mpirun, Horovod also over Gloo.
 JOBS = [
@@ -38,13 +39,16 @@ def command(launcher: str, ranks: int, path: str) -> list[str]:
 @pytest.mark.mpi
 @pytest.mark.parametrize("name,launcher,ranks,timeout", JOBS,
                          ids=[f"{f[:-3]}-{l}-np{n}" for f, l, n, _ in JOBS])
-def test_parallel_file(name, launcher, ranks, timeout):
-    env = launcher_env({"HVDTRAIN_RANK_TESTS": "1", "PYTHONUNBUFFERED": "1"})
+def test_parallel_file(name, launcher, ranks, timeout, tmp_path):
+    env = launcher_env({"HVDTRAIN_RANK_TESTS": "1", "PYTHONUNBUFFERED": "1",
+                        "HVDTRAIN_RESULT_DIR": str(tmp_path)})
     result = run(command(launcher, ranks, str(HERE / "parallel" / name)), timeout=timeout, env=env,
                  cwd=HERE.parent)
     tail = result.stdout[-6000:]
     assert result.returncode == 0, f"{launcher} -np {ranks} {name} exited {result.returncode}:\n{tail}"
-    # Every rank must have reported its own passing pytest summary.
-    passed = [line for line in result.stdout.splitlines() if " passed" in line and "failed" not in line]
-    assert len(passed) >= ranks, f"expected {ranks} pytest summaries, got {len(passed)}:\n{tail}"
+    # Every rank must have reported its own passing pytest session.
+    reports = {p.name: json.loads(p.read_text()) for p in tmp_path.glob("rank-*.json")}
+    assert sorted(reports) == sorted(f"rank-{r}.json" for r in range(ranks)), f"{reports}\n{tail}"
+    for rank_file, rep in reports.items():
+        assert rep["exitstatus"] == 0 and rep.get("passed", 0) > 0 and not rep.get("failed"), (rank_file, rep)
     sys.stdout.write(tail[-1000:])

@@ -58,3 +58,22 @@ def shared_dir(hvd):
     path = tempfile.mkdtemp(prefix="hvdtrain-test-") if hvd.rank() == 0 else None
     path = hvd.broadcast_object(path, root_rank=0, name="shared_dir")
     return Path(path)
+
+
+def _rank() -> str:
+    for key in ("OMPI_COMM_WORLD_RANK", "HOROVOD_RANK", "PMIX_RANK", "PMI_RANK"):
+        if key in os.environ:
+            return os.environ[key]
+    return "0"
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Each rank reports its own outcome to the driver (the launcher's output interleaves)."""
+    folder = os.environ.get("HVDTRAIN_RESULT_DIR")
+    if not folder:
+        return
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    stats = {k: len(v) for k, v in (reporter.stats if reporter else {}).items() if k in ("passed", "failed",
+                                                                                         "skipped", "error")}
+    import json
+    Path(folder, f"rank-{_rank()}.json").write_text(json.dumps({"exitstatus": int(exitstatus), **stats}))
