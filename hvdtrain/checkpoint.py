@@ -75,7 +75,8 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ConfigError(f"checkpoint {str(path)!r} cannot be loaded ({first}); delete it to resume "
                           f"from the one before, or start without --resume") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+    keys = ("step", "world_size", "fingerprint", "ranks")
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT or not all(k in ckpt for k in keys):
         raise ConfigError(f"checkpoint {str(path)!r} is not an hvdtrain checkpoint (format "
                           f"{FORMAT}); start without --resume or pass another --out")
     return ckpt

@@ -64,6 +64,7 @@ TRAIN_FLAGS: dict[str, tuple[str | None, str, Any, str]] = {
     "--checkpoint-every": (None, "checkpoint_every", int, "checkpoint every N steps (0: at the end)"),
     "--log-every": (None, "log_every", int, "average the loss over ranks every N steps"),
     "--threads": (None, "threads", int, "torch threads per rank (0: cores / local ranks)"),
+    "--collective-timeout": (None, "collective_timeout", float, "seconds before a stalled sync ends the job"),
 }
 TRAIN_SWITCHES = {"--resume": (None, "resume"), "--overwrite": (None, "overwrite"),
                   "--fp16": ("sync", "fp16"), "--scale-lr": ("optim", "scale_lr")}

@@ -142,6 +142,8 @@ class TrainConfig:
     """Average the loss over ranks every N steps (one tiny allreduce), one metrics line per step."""
     threads: int = 0
     """torch intra-op threads per rank; 0 = cores on this host / ranks on this host."""
+    collective_timeout: float = 300.0
+    """End the job when one synchronisation waits longer than this many seconds (0 = never)."""
 
     def __post_init__(self) -> None:
         _check(isinstance(self.epochs, int) and self.epochs >= 1,
@@ -155,6 +157,8 @@ class TrainConfig:
         _check(isinstance(self.threads, int) and self.threads >= 0,
                f"threads must be >= 0, got {self.threads!r}")
         _check(bool(str(self.out)), "out must name a folder; use --out DIR")
+        _check(math.isfinite(self.collective_timeout) and self.collective_timeout >= 0,
+               f"collective_timeout must be >= 0 seconds, got {self.collective_timeout!r}")
 
 
 SECTIONS = {"data": DataConfig, "model": ModelConfig, "optim": OptimConfig, "sync": SyncConfig}

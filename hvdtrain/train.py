@@ -13,6 +13,7 @@ from hvdtrain import data as D
 from hvdtrain.backends.base import Backend, default_threads
 from hvdtrain.checkpoint import atomic_torch_save, latest_checkpoint, load_checkpoint, save_checkpoint
 from hvdtrain.config import ConfigError, OptimConfig, TrainConfig, to_dict
+from hvdtrain.guard import Watchdog, check_agreement
 from hvdtrain.metrics import MetricsLog
 from hvdtrain.models import build_model, loss_function
 
@@ -47,9 +48,7 @@ def resolve_data(cfg: TrainConfig, backend: Backend) -> Path:
             D.make_dataset(cfg.data.path, folder, cfg.data.rows, cfg.seed)
         except ConfigError as exc:
             error = str(exc)
-    error = backend.broadcast_object(error)  # hvdtrain: the others wait for rank 0's file
-    if error:
-        raise ConfigError(error)
+    _agree(backend, error)  # hvdtrain: the others wait for rank 0's file
     return folder
 
 
@@ -85,7 +84,7 @@ def restore(cfg: TrainConfig, backend: Backend, model: torch.nn.Module,
                 raise ConfigError(f"--resume found no checkpoint in {cfg.out}/checkpoints; run without "
                                   f"--resume to start fresh")
             ckpt = load_checkpoint(path)
-            if [tuple(x) for x in ckpt["fingerprint"]] != [(n, tuple(s)) for n, s in fingerprint(model)]:
+            if [(n, tuple(s)) for n, s in ckpt["fingerprint"]] != fingerprint(model):
                 raise ConfigError(f"checkpoint {str(path)!r} was written for another model; resume with "
                                   f"the same --model/--hidden or choose another --out")
             if len(ckpt["ranks"]) > 1 and ckpt["world_size"] != backend.size:
@@ -97,12 +96,50 @@ def restore(cfg: TrainConfig, backend: Backend, model: torch.nn.Module,
     if isinstance(ckpt, str):
         raise ConfigError(ckpt)
     assert ckpt is not None
-    per_rank = len(ckpt["ranks"]) > 1
+    per_rank = len(ckpt["ranks"]) > 1 and not backend.replicas_identical
     state = ckpt["ranks"][backend.rank if per_rank else 0]
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["rng"])
     return int(ckpt["step"]), per_rank
+
+
+def _agree(backend: Backend, error: str | None) -> None:
+    """Rank 0 found `error` (or None); every rank raises it, so none is left waiting."""
+    error = backend.broadcast_object(error)
+    if error:
+        raise ConfigError(error)
+
+
+def _check_out(cfg: TrainConfig) -> str | None:
+    """Rank 0: is --out writable, and would a fresh run clobber an earlier run's checkpoints?"""
+    out = Path(cfg.out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".hvdtrain-write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        return f"output folder {str(out)!r} is not writable ({exc.strerror}); choose another --out"
+    if not cfg.resume and not cfg.overwrite and latest_checkpoint(out / "checkpoints"):
+        return (f"output folder {str(out)!r} holds checkpoints of an earlier run; pass --resume to continue "
+                f"it, --overwrite to start over, or another --out")
+    return None
+
+
+def _startup_record(cfg: TrainConfig, model: torch.nn.Module, info: D.DataInfo, n_features: int) -> dict:
+    record: dict[str, Any] = {f"config.{k}": v for k, v in _flatten(to_dict(cfg)).items()}
+    record["model.parameters"] = fingerprint(model)
+    record.update({"data.task": info.task, "data.train_rows": info.n_train, "data.eval_rows": info.n_eval,
+                   "data.features": n_features, "data.outputs": info.n_outputs})
+    return record
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for k, v in d.items():
+        flat.update(_flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return flat
 
 
 def train(cfg: TrainConfig, backend: Backend,
@@ -114,13 +151,8 @@ def train(cfg: TrainConfig, backend: Backend,
     torch.set_num_threads(threads)  # hvdtrain: ranks on one host share its cores
     torch.manual_seed(cfg.seed)
     out = Path(cfg.out)
-    if rank == 0 and not cfg.resume and latest_checkpoint(out / "checkpoints") and not cfg.overwrite:
-        error: str | None = (f"output folder {str(out)!r} holds checkpoints of an earlier run; pass --resume "
-                             f"to continue it, --overwrite to start over, or another --out")
-    else:
-        error = None
-    if backend.broadcast_object(error):
-        raise ConfigError(error or "")
+    _agree(backend, _check_out(cfg) if rank == 0 else None)
+    dog = Watchdog(cfg.collective_timeout, rank, backend.abort)
 
     # Data: this rank's block only.
     folder = resolve_data(cfg, backend)
@@ -139,9 +171,12 @@ def train(cfg: TrainConfig, backend: Backend,
     loss_fn = loss_function(info.task)
     optimizer = make_optimizer(cfg.optim, model)
     optimizer = backend.attach(model, optimizer, D.averaging_weights(sizes, cfg.sync.weights))
+    check_agreement(backend.allgather_object(  # hvdtrain: same config, model and data everywhere
+        _startup_record(cfg, model, info, X.shape[1])))
     step, per_rank = restore(cfg, backend, model, optimizer) if cfg.resume else (0, False)
     if not per_rank:
-        backend.broadcast_state(model, optimizer)  # hvdtrain: every rank starts from rank 0's state
+        with dog.guard("the start-up broadcast"):
+            backend.broadcast_state(model, optimizer)  # hvdtrain: every rank starts from rank 0's state
 
     log = MetricsLog(out, rank == 0, total_steps, resume_step=step)
     window: list[tuple[int, int, torch.Tensor, float, int]] = []  # (step, epoch, loss, comm s, bytes)
@@ -161,27 +196,34 @@ def train(cfg: TrainConfig, backend: Backend,
                 loss.backward()
                 step_loss += loss.detach()
             c, b = backend.comm_seconds, backend.bytes_sent
-            backend.step(optimizer)  # hvdtrain: Horovod waits here for the gradient allreduce
-            step += 1
-            backend.after_step(step, model)  # hvdtrain: MPI fallback averages parameters every k
+            with dog.guard(f"the synchronisation of step {step + 1}"):
+                backend.step(optimizer)  # hvdtrain: Horovod waits here for the gradient allreduce
+                step += 1
+                backend.after_step(step, model)  # hvdtrain: MPI fallback averages parameters every k
             window.append((step, epoch, step_loss, backend.comm_seconds - c, backend.bytes_sent - b))
             if step % cfg.log_every == 0 or step == total_steps:
-                stop = _flush(window, backend, log, cfg, window_start, losses, stop_requested())
+                with dog.guard(f"the metrics allreduce at step {step}"):
+                    stop = _flush(window, backend, log, cfg, window_start, losses, stop_requested())
                 window, window_start = [], time.perf_counter()
                 if stop:
-                    path = checkpoint(cfg, backend, model, optimizer, step)
+                    with dog.guard(f"the checkpoint at step {step}"):
+                        path = checkpoint(cfg, backend, model, optimizer, step)
                     log.close()
+                    dog.close()
                     raise Preempted(step, path)
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
-                checkpoint(cfg, backend, model, optimizer, step)
+                with dog.guard(f"the checkpoint at step {step}"):
+                    checkpoint(cfg, backend, model, optimizer, step)
     train_seconds = time.perf_counter() - loop_start
-    backend.finish(model, step)  # hvdtrain: MPI fallback ends with one last average
-    if not cfg.checkpoint_every or step % cfg.checkpoint_every:
-        checkpoint(cfg, backend, model, optimizer, step)
-    evaluation = evaluate(model, loss_fn, eval_X, eval_y, info.task, backend)
+    with dog.guard("the final synchronisation"):
+        backend.finish(model, step)  # hvdtrain: MPI fallback ends with one last average
+        if not cfg.checkpoint_every or step % cfg.checkpoint_every:
+            checkpoint(cfg, backend, model, optimizer, step)
+        evaluation = evaluate(model, loss_fn, eval_X, eval_y, info.task, backend)
+        comm = backend.allreduce_sum(np.array([backend.comm_seconds - comm0])) / size
+    dog.close()
     log.close()
 
-    comm = backend.allreduce_sum(np.array([backend.comm_seconds - comm0])) / size
     samples = (step - start_step) * cfg.batch_size * micro * size
     if rank != 0:
         return None
