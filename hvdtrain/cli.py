@@ -187,19 +187,22 @@ def build_parser() -> Parser:
     make.add_argument("--seed", type=int, default=0)
     make.add_argument("--out", required=True)
     make.set_defaults(func=cmd_data_make)
-    compare = sub.add_parser("compare", help="run the same job under each strategy; report", add_help=False)
-    compare.set_defaults(func=lambda a: _forward("hvdtrain.compare", a.rest))
-    compare.add_argument("rest", nargs=argparse.REMAINDER)
+    for name, (_, text) in FORWARDED.items():  # listed for --help; parsed by their own modules
+        sub.add_parser(name, help=text)
     return parser
 
 
-def _forward(module: str, argv: list[str]) -> int:
-    """Sub-commands with their own parser (compare, bench, doctor)."""
-    import importlib
-    return int(importlib.import_module(module).main(argv))
+FORWARDED = {
+    "compare": ("hvdtrain.compare", "run the same job under each strategy; report, JSON and plots"),
+    "bench": ("hvdtrain.bench", "benchmarks: `bench allreduce` or `bench train`"),
+}
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in FORWARDED:  # sub-commands with a parser of their own
+        import importlib
+        return int(importlib.import_module(FORWARDED[argv[0]][0]).main(argv[1:]))
     args = build_parser().parse_args(argv)
     return int(args.func(args))
 
