@@ -106,7 +106,7 @@ class StopFlag:
 def _fail(message: str, rank: int, size: int, abort: Callable[[int], None] | None, code: int) -> int:
     """One line on stderr; in a multi-rank job rank 0 speaks first and the job is ended."""
     if size > 1 and rank != 0:
-        time.sleep(1.0)  # if rank 0 hit the same error its abort ends us before we repeat it
+        time.sleep(5.0)  # if rank 0 hit the same error its abort ends us before we repeat it
     prefix = f"hvdtrain: error (rank {rank}): " if size > 1 and rank != 0 else "hvdtrain: error: "
     sys.stderr.write(prefix + message + "\n")
     sys.stderr.flush()

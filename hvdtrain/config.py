@@ -79,7 +79,7 @@ class OptimConfig:
                f"optimizer {self.name!r} is unknown; use one of {', '.join(OPTIMIZERS)}")
         _check(math.isfinite(self.lr) and self.lr > 0, f"lr must be > 0, got {self.lr!r}; use e.g. --lr 0.01")
         _check(math.isfinite(self.momentum) and 0 <= self.momentum < 1,
-               f"momentum must be in [0, 1), got {self.momentum!r}")
+               f"momentum must be in [0, 1), got {self.momentum!r}; use e.g. --momentum 0.9")
 
 
 @dataclass
@@ -109,7 +109,7 @@ class SyncConfig:
         _check(self.mpi_allreduce in MPI_ALLREDUCES,
                f"mpi_allreduce {self.mpi_allreduce!r} is unknown; use one of {', '.join(MPI_ALLREDUCES)}")
         _check(isinstance(self.backward_passes_per_step, int) and self.backward_passes_per_step >= 1,
-               f"backward_passes_per_step must be >= 1, got {self.backward_passes_per_step!r}")
+               f"backward_passes_per_step must be >= 1, got {self.backward_passes_per_step!r}; use 1")
         if self.weights is not None:
             self.weights = tuple(float(w) for w in self.weights)
             _check(all(math.isfinite(w) and w >= 0 for w in self.weights),
@@ -151,24 +151,48 @@ class TrainConfig:
         _check(isinstance(self.batch_size, int) and self.batch_size >= 1,
                f"batch_size must be an integer >= 1, got {self.batch_size!r}; use --batch-size 64")
         _check(isinstance(self.checkpoint_every, int) and self.checkpoint_every >= 0,
-               f"checkpoint_every must be >= 0, got {self.checkpoint_every!r}")
+               f"checkpoint_every must be >= 0, got {self.checkpoint_every!r}; use 0 for only at the end")
         _check(isinstance(self.log_every, int) and self.log_every >= 1,
-               f"log_every must be >= 1, got {self.log_every!r}")
+               f"log_every must be >= 1, got {self.log_every!r}; use e.g. --log-every 10")
         _check(isinstance(self.threads, int) and self.threads >= 0,
-               f"threads must be >= 0, got {self.threads!r}")
+               f"threads must be >= 0, got {self.threads!r}; use 0 for cores / local ranks")
         _check(bool(str(self.out)), "out must name a folder; use --out DIR")
         _check(math.isfinite(self.collective_timeout) and self.collective_timeout >= 0,
-               f"collective_timeout must be >= 0 seconds, got {self.collective_timeout!r}")
+               f"collective_timeout must be >= 0 seconds, got {self.collective_timeout!r}; use 0 to disable")
 
 
 SECTIONS = {"data": DataConfig, "model": ModelConfig, "optim": OptimConfig, "sync": SyncConfig}
 
 
+def _kind_error(value: Any, default: Any) -> str | None:
+    """The expected kind if `value` (from TOML or a caller) cannot stand where `default` stands."""
+    if isinstance(default, bool):
+        return None if isinstance(value, bool) else "true or false"
+    if isinstance(default, int):
+        return None if isinstance(value, int) and not isinstance(value, bool) else "an integer"
+    if isinstance(default, float):
+        return None if isinstance(value, (int, float)) and not isinstance(value, bool) else "a number"
+    if isinstance(default, str):
+        return None if isinstance(value, str) else "a string"
+    if isinstance(default, tuple) or (default is None and value is not None):
+        ok = isinstance(value, (list, tuple)) and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+        return None if ok else "a list of numbers"
+    return None
+
+
 def _build(cls: type, values: dict[str, Any], where: str) -> Any:
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(values) - known)
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(values) - set(known))
     if unknown:
         raise ConfigError(f"unknown config key {where}{unknown[0]}; known keys: {', '.join(sorted(known))}")
+    for key, value in values.items():
+        f = known[key]
+        if f.default is not dataclasses.MISSING or f.name in ("hidden",):
+            default = f.default if f.default is not dataclasses.MISSING else ()
+            kind = _kind_error(value, default)
+            if kind and not isinstance(value, dict):
+                raise ConfigError(f"config key {where}{key} must be {kind}, got {value!r}; fix its value")
     try:
         return cls(**values)
     except TypeError as exc:  # wrong type in a TOML value, e.g. a list where a number belongs
@@ -188,14 +212,14 @@ def load_config(path: str | None = None, overrides: dict[str, dict[str, Any] | A
     for key, value in (overrides or {}).items():
         if isinstance(value, dict):
             raw.setdefault(key, {})
-            _check(isinstance(raw[key], dict), f"config key {key!r} must be a [{key}] table")
+            _check(isinstance(raw[key], dict), f"config key {key!r} must be a [{key}] table; write it as [{key}]")
             raw[key].update(value)
         else:
             raw[key] = value
     top = {k: v for k, v in raw.items() if k not in SECTIONS}
     for name, cls in SECTIONS.items():
         section = raw.get(name, {})
-        _check(isinstance(section, dict), f"config key {name!r} must be a [{name}] table")
+        _check(isinstance(section, dict), f"config key {name!r} must be a [{name}] table; write it as [{name}]")
         top[name] = _build(cls, section, f"{name}.")
     return _build(TrainConfig, top, "")
 

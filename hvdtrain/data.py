@@ -101,7 +101,7 @@ def _open(folder: Path, name: str) -> np.ndarray:
 def _check_pair(folder: Path, prefix: str, X: np.ndarray, y: np.ndarray, task: str) -> None:
     where = f"{folder / (prefix + 'X.npy')}"
     if X.ndim != 2 or X.shape[0] == 0 or X.shape[1] == 0:
-        raise ConfigError(f"data file {where!r} has shape {X.shape}; features must be a non-empty 2-D array")
+        raise ConfigError(f"data file {where!r} has shape {X.shape}; features must be a non-empty 2-D array (rows, features); write it again")
     if X.dtype.kind != "f":
         raise ConfigError(f"data file {where!r} has dtype {X.dtype}; features must be float32 or float64")
     if y.ndim not in (1, 2) or len(y) != len(X):
@@ -139,7 +139,7 @@ def describe(folder: str | Path) -> DataInfo:
                           f"{X.shape[1]}; write both with the same set")
     n_out = int(meta.get("n_classes", 0)) if task == "classification" else (1 if y.ndim == 1 else y.shape[1])
     if task == "classification" and n_out < 2:
-        raise ConfigError(f"meta.json in {str(folder)!r} must give n_classes >= 2 for classification")
+        raise ConfigError(f"meta.json in {str(folder)!r} must give n_classes >= 2 for classification; add \"n_classes\": K")
     return DataInfo(folder, task, int(X.shape[1]), n_out, int(len(X)), int(len(eX)))
 
 
