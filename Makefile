@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 NP ?= 2
 OUT ?= runs/default
 
-.PHONY: install run test test-fast bench compare clean-runs
+.PHONY: install run test test-fast bench-allreduce bench-train doctor docker-smoke docker-lint slurm-up slurm-down test-slurm clean-runs
 
 install:
 	@bash mpi_jobs/install.sh
@@ -20,6 +20,32 @@ test: install
 # Plain-pytest part only (no launched multi-rank jobs).
 test-fast: install
 	$(PY) -m pytest -m "not mpi"
+
+bench-allreduce: install
+	$(PY) -m hvdtrain bench allreduce --np $(NP) --out runs/bench
+
+bench-train: install
+	$(PY) -m hvdtrain bench train --np $(NP) --out runs/bench
+
+doctor: install
+	$(PY) -m hvdtrain doctor
+
+# Smoke build of the Dockerfile's steps with buildah on a local Debian base (not the CUDA image; root).
+docker-smoke:
+	bash mpi_jobs/docker_smoke.sh
+
+docker-lint: install
+	$(VENV)/bin/hadolint Dockerfile
+
+# A single-node Slurm (slurmctld + slurmd) on this machine, as the tests start it (root).
+slurm-up:
+	bash mpi_jobs/slurm_local.sh start
+
+slurm-down:
+	bash mpi_jobs/slurm_local.sh stop
+
+test-slurm: install
+	$(PY) -m pytest tests/test_slurm.py -q
 
 clean-runs:
 	rm -rf runs

@@ -195,6 +195,7 @@ def build_parser() -> Parser:
 FORWARDED = {
     "compare": ("hvdtrain.compare", "run the same job under each strategy; report, JSON and plots"),
     "bench": ("hvdtrain.bench", "benchmarks: `bench allreduce` or `bench train`"),
+    "doctor": ("hvdtrain.doctor", "check torch, Horovod, MPI and each launcher (a 2-rank allreduce)"),
 }
 
 

