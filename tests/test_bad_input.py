@@ -238,3 +238,16 @@ def test_bad_input_multi_rank(base, tmp_path, case, args, setup, needle):
 
 def test_there_are_at_least_50_cases():
     assert len(CASES) + len(MPI_CASES) >= 50
+
+
+@pytest.mark.mpi
+def test_mpi_backend_under_gloo_launcher_is_a_clear_error(tmp_path):
+    """horovodrun --gloo starts no MPI world: each rank would train alone; refuse instead."""
+    from hvdtrain.launch import horovodrun_cmd
+    cmd = horovodrun_cmd(2, ["hvdtrain", "train", "--backend", "mpi", "--rows", "500", "--out", str(tmp_path)],
+                         gloo=True)
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=launcher_env())
+    assert result.returncode != 0
+    text = result.stdout + result.stderr
+    assert "started this process as rank 1 of 2" in text and "sees rank 0 of 1" in text, text[-2000:]
+    assert "Traceback" not in text and not (tmp_path / "summary.json").exists()

@@ -1,14 +1,29 @@
 """Backends: how replicas are kept in step. Only this package imports horovod or mpi4py."""
 from __future__ import annotations
 
+import os
+
 from hvdtrain.backends.base import Backend
 from hvdtrain.config import ConfigError, TrainConfig
+from hvdtrain.layout import detect_layout
 
 INSTALL_HINT = "run `make install` (mpi_jobs/install.sh) to build it into the virtualenv"
 
 
 def make_backend(cfg: TrainConfig) -> Backend:
-    """Start the communication library for `cfg.sync.backend` (this is the first MPI call)."""
+    """Start the communication library for `cfg.sync.backend` and check it against the launcher."""
+    layout = detect_layout(os.environ)
+    backend = _start(cfg)
+    if layout.launcher != "none" and (layout.rank, layout.size) != (backend.rank, backend.size):
+        raise ConfigError(
+            f"{layout.launcher} started this process as rank {layout.rank} of {layout.size} "
+            f"({', '.join(layout.variables)}) but backend '{backend.name}' sees rank {backend.rank} of "
+            f"{backend.size}; launch --backend mpi with mpirun/srun --mpi=pmix (not horovodrun --gloo), "
+            f"and use an mpi4py built against the launcher's MPI")
+    return backend
+
+
+def _start(cfg: TrainConfig) -> Backend:
     name = cfg.sync.backend
     if name == "single":
         from hvdtrain.backends.single import SingleBackend
