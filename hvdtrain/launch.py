@@ -19,6 +19,9 @@ TIMEOUT_EXIT = 124
 def launcher_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     """The environment for mpirun/horovodrun: root allowed (containers, CI), venv first on PATH."""
     env = dict(os.environ)
+    # torch reads this once, at its first allocation: huge pages for big buffers make MPI's
+    # shared-memory copies ~1.5x faster here (measurements in backends/allreduce_impls.py).
+    env.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     if os.geteuid() == 0:
         env.setdefault("OMPI_ALLOW_RUN_AS_ROOT", "1")
         env.setdefault("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")

@@ -42,6 +42,8 @@ hvd_setup() {
   fi
   # The ranks and horovodrun's own helpers must find the venv's python, hvdtrain and horovodrun.
   export PATH="$VENV/bin:$PATH"
+  # torch reads this once at its first allocation: huge pages for big buffers (see allreduce_impls)
+  export THP_MEM_ALLOC_ENABLE="${THP_MEM_ALLOC_ENABLE:-1}"
   # Open MPI refuses root unless told it is deliberate (containers, CI machines).
   if [ "$(id -u)" = 0 ]; then
     export OMPI_ALLOW_RUN_AS_ROOT="${OMPI_ALLOW_RUN_AS_ROOT:-1}"

@@ -30,6 +30,8 @@ hvd_setup() {
     || hvd_die "'hvdtrain' is not on PATH (venv: '${venv:-none found}'); set HVDTRAIN_VENV=/path/to/venv or run mpi_jobs/install.sh in $SLURM_SUBMIT_DIR"
   # Steps inherit this shell's environment (the venv's PATH) even under `sbatch --export=NONE`.
   export SLURM_EXPORT_ENV=ALL
+  # torch reads this once at its first allocation: huge pages for big buffers (see allreduce_impls)
+  export THP_MEM_ALLOC_ENABLE="${THP_MEM_ALLOC_ENABLE:-1}"
   # Since Slurm 22.05 srun no longer inherits --cpus-per-task from the job; pass it on.
   if [ -n "${SLURM_CPUS_PER_TASK:-}" ]; then export SRUN_CPUS_PER_TASK="$SLURM_CPUS_PER_TASK"; fi
   if [ "$(id -u)" = 0 ]; then

@@ -13,6 +13,8 @@ INSTALL_HINT = "run `make install` (mpi_jobs/install.sh) to build it into the vi
 def make_backend(cfg: TrainConfig) -> Backend:
     """Start the communication library for `cfg.sync.backend` and check it against the launcher."""
     layout = detect_layout(os.environ)
+    if cfg.sync.backend != "single":
+        _env_defaults(cfg)
     backend = _start(cfg)
     if layout.launcher != "none" and (layout.rank, layout.size) != (backend.rank, backend.size):
         raise ConfigError(
@@ -21,6 +23,17 @@ def make_backend(cfg: TrainConfig) -> Backend:
             f"{backend.size}; launch --backend mpi with mpirun/srun --mpi=pmix (not horovodrun --gloo), "
             f"and use an mpi4py built against the launcher's MPI")
     return backend
+
+
+def _env_defaults(cfg: TrainConfig) -> None:
+    """hvdtrain's MPI/Horovod settings, before MPI starts (the user's exported values win)."""
+    from hvdtrain.backends.allreduce_impls import horovod_env_defaults
+    defaults = horovod_env_defaults()
+    if cfg.collective_timeout > 0:  # Horovod's own stall check ends a stalled job too
+        defaults["HOROVOD_STALL_CHECK_TIME_SECONDS"] = str(max(1, int(min(60, cfg.collective_timeout / 2))))
+        defaults["HOROVOD_STALL_SHUTDOWN_TIME_SECONDS"] = str(max(2, int(cfg.collective_timeout)))
+    for key, value in defaults.items():
+        os.environ.setdefault(key, value)
 
 
 def _start(cfg: TrainConfig) -> Backend:

@@ -1,7 +1,6 @@
 """Horovod backend: gradients averaged by ring-allreduce every step (the only horovod import)."""
 from __future__ import annotations
 
-import os
 import time
 from typing import Any
 
@@ -14,22 +13,11 @@ from hvdtrain.config import SyncConfig, OptimConfig
 import horovod.torch as hvd  # noqa: E402  (import error is turned into a message by make_backend)
 
 
-def _apply_env_defaults() -> None:
-    """hvdtrain's Horovod settings (see allreduce_impls.horovod_env_defaults); the user's env wins."""
-    try:
-        from hvdtrain.backends.allreduce_impls import horovod_env_defaults
-    except ImportError:
-        return
-    for key, value in horovod_env_defaults().items():
-        os.environ.setdefault(key, value)
-
-
 class HorovodBackend(Backend):
     name = "horovod"
     replicas_identical = True
 
     def __init__(self, sync: SyncConfig, optim: OptimConfig) -> None:
-        _apply_env_defaults()
         hvd.init()
         super().__init__(hvd.rank(), hvd.size(), hvd.local_rank(), hvd.local_size())
         self.sync_cfg, self.optim_cfg = sync, optim

@@ -31,23 +31,29 @@ class FlatAverager:
         dtype = params[0].dtype
         device = params[0].device
         total = sum(p.numel() for p in params)
-        self.flat = torch.empty(total, dtype=dtype, device=device)
+        if device.type == "cpu":  # numpy's allocator asks for huge pages: faster shared-memory MPI
+            self.flat = torch.from_numpy(np.empty(total, dtype=str(dtype).removeprefix("torch.")))
+        else:
+            self.flat = torch.empty(total, dtype=dtype, device=device)
         offset = 0
         for p in params:  # hvdtrain: parameters become views of the flat buffer
             n = p.numel()
             self.flat[offset:offset + n].copy_(p.detach().reshape(-1))
             p.data = self.flat[offset:offset + n].view_as(p)
             offset += n
-        self.host = self.flat.numpy() if device.type == "cpu" else np.empty(total, np.dtype(str(dtype)[6:]))
+        self.host = self.flat.numpy() if device.type == "cpu" else np.empty(total, str(dtype).removeprefix("torch."))
         self.prev = np.empty_like(self.host) if alpha < 1 else None
         self.nbytes = self.host.nbytes
 
-    def _allreduce(self) -> None:
+    def _weighted_sum(self) -> None:
+        """host <- sum_j w_j host_j: the ring folds w_i into its first send; MPI needs a pass."""
         if self.allreduce == "ring":
             from hvdtrain.backends.ring import ring_allreduce_
-            ring_allreduce_(self.comm, self.host)
-        else:
-            self.comm.Allreduce(MPI.IN_PLACE, self.host, op=MPI.SUM)
+            ring_allreduce_(self.comm, self.host, scale=self.weight)
+            return
+        if self.weight != 1.0:
+            np.multiply(self.host, self.weight, out=self.host)
+        self.comm.Allreduce(MPI.IN_PLACE, self.host, op=MPI.SUM)
 
     def sync(self) -> None:
         on_host = self.flat.device.type == "cpu"
@@ -55,9 +61,7 @@ class FlatAverager:
             self.host[...] = self.flat.cpu().numpy()
         if self.prev is not None:
             np.copyto(self.prev, self.host)
-        if self.weight != 1.0:
-            np.multiply(self.host, self.weight, out=self.host)
-        self._allreduce()
+        self._weighted_sum()
         if self.prev is not None:  # theta + alpha (theta_bar - theta)
             np.subtract(self.host, self.prev, out=self.host)
             np.multiply(self.host, self.alpha, out=self.host)

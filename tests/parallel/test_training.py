@@ -124,14 +124,15 @@ def test_replicas_identical_after_every_sync(hvd, backend_name):
 
 
 @requires_mpi
+@pytest.mark.parametrize("allreduce", ["native", "ring"])
 @pytest.mark.parametrize("alpha", [1.0, 0.5])
-def test_weighted_average_with_uneven_blocks(comm, alpha):
+def test_weighted_average_with_uneven_blocks(comm, alpha, allreduce):
     from hvdtrain.backends.mpi import FlatAverager
     size, rank = comm.size, comm.rank
     weights = D.averaging_weights(D.block_sizes(10 * size + 1, size))  # rank 0 has one more row
     value = lambda r: torch.arange(5, dtype=torch.float64) * (r + 1) + 10 * r  # noqa: E731
     params = [value(rank).clone().requires_grad_(), torch.full((2, 2), float(rank), dtype=torch.float64)]
-    averager = FlatAverager(comm, params, weights[rank], alpha)
+    averager = FlatAverager(comm, params, weights[rank], alpha, allreduce)
     averager.sync()
     mean0 = sum(w * value(r) for r, w in enumerate(weights))
     mean1 = sum(w * float(r) for r, w in enumerate(weights))

@@ -1,0 +1,266 @@
+"""`hvdtrain bench allreduce --np N --out DIR`: float32 SUM allreduce in place, nccl-tests style.
+
+The driver is a plain process (no rank): it starts one job per implementation with mpirun or
+horovodrun (each under a timeout, so a hung job costs a row, never the run), every job's
+rank 0 appends its rows to DIR/allreduce.rows.jsonl, then the driver writes
+DIR/allreduce.json, prints a table and plots DIR/allreduce.png.
+
+How a size is timed: warm-up calls, then per iteration a barrier, a timer around the call,
+and the slowest rank's time for that iteration (the collective is done when the last rank
+is); p50 over iterations. algbw = bytes / p50; busbw = algbw * 2(N-1)/N, the bytes each rank
+moves in a ring allreduce, so it compares with the link or memory bandwidth whatever N is.
+memcpy runs on one rank and reports busbw = algbw (a copy moves each byte once).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from hvdtrain.backends.allreduce_impls import (DEFAULT_IMPLS, HVDTRAIN_CONFIGURED, IMPLS,
+                                              horovod_env_defaults, open_impl)
+from hvdtrain.launch import TIMEOUT_EXIT, horovodrun_cmd, launcher_env, run
+
+ROWS_FILE, JSON_FILE, PNG_FILE = "allreduce.rows.jsonl", "allreduce.json", "allreduce.png"
+
+
+def byte_sizes(min_bytes: int, max_bytes: int, factor: int) -> list[int]:
+    """min_bytes, min_bytes*factor, ... up to max_bytes (default: 4 B to 256 MiB, powers of 4)."""
+    if min_bytes < 4 or max_bytes < min_bytes or factor < 2:
+        raise ValueError(f"need 4 <= --min-bytes <= --max-bytes and --factor >= 2, got "
+                         f"{min_bytes}, {max_bytes}, {factor}")
+    sizes = [min_bytes]
+    while sizes[-1] * factor <= max_bytes:
+        sizes.append(sizes[-1] * factor)
+    return sizes
+
+
+def iterations(nbytes: int, iters: int, warmup: int) -> tuple[int, int]:
+    """(warm-up, timed) iterations: `iters` for small sizes, fewer (>= 10) for big ones so a
+    256 MiB point takes seconds, not minutes; `--iters` below 10 is taken as given (CI)."""
+    timed = min(iters, max(10, (1 << 30) // nbytes))
+    return min(warmup, timed), timed
+
+
+def bus_factor(impl: str, size: int) -> float:
+    return 1.0 if impl == "memcpy" else 2.0 * (size - 1) / size
+
+
+def make_row(impl: str, size: int, nbytes: int, seconds: float) -> dict[str, Any]:
+    algbw = nbytes / seconds / 1e9
+    factor = bus_factor(impl, size)
+    return {"impl": impl, "np": size, "bytes": nbytes, "p50_us": seconds * 1e6,
+            "algbw_gbps": algbw, "busbw_gbps": algbw * factor, "bus_factor": factor}
+
+
+def run_worker(args: argparse.Namespace) -> int:
+    """Inside every rank of one job: time each size, rank 0 appends the rows."""
+    import torch
+    torch.set_num_threads(1)  # one compute thread per rank: ranks share the cores
+    group = open_impl(args.worker, chunk_bytes=args.chunk_bytes, port=args.port)
+    for nbytes in byte_sizes(args.min_bytes, args.max_bytes, args.factor):
+        op = group.make_allreduce(nbytes)
+        warm, timed = iterations(nbytes, args.iters, args.warmup)
+        for _ in range(warm):
+            op()
+        times = np.empty(timed)
+        for i in range(timed):
+            group.barrier()
+            start = time.perf_counter()
+            op()
+            times[i] = time.perf_counter() - start
+        slowest = group.max_over_ranks(times)
+        if group.rank == 0:
+            row = make_row(args.worker, group.size, nbytes, float(np.median(slowest)))
+            with open(args.rows, "a") as f:
+                f.write(json.dumps(row) + "\n")
+        del op
+    group.barrier()
+    group.close()
+    return 0
+
+
+def launch_command(impl: str, args: argparse.Namespace, port: int) -> list[str]:
+    """The command line that runs `impl` as a job of --np ranks (1 for memcpy)."""
+    worker = ["-m", "hvdtrain.bench_allreduce", "--worker", impl, "--rows", str(args.rows),
+              "--min-bytes", str(args.min_bytes), "--max-bytes", str(args.max_bytes),
+              "--factor", str(args.factor), "--iters", str(args.iters), "--warmup",
+              str(args.warmup), "--chunk-bytes", str(args.chunk_bytes), "--port", str(port)]
+    if IMPLS[impl] == "local":
+        return [sys.executable, *worker]
+    if IMPLS[impl] == "horovodrun":
+        return horovodrun_cmd(args.np, worker[1:], gloo=True)
+    # `-m mpi4py`: an exception on one rank aborts the job instead of hanging the others.
+    return ["mpirun", "-np", str(args.np), *args.mpirun_args.split(), sys.executable,
+            "-m", "mpi4py", *worker]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def job_env(impl: str) -> dict[str, str]:
+    """Root allowed, venv on PATH (launcher_env); one OpenMP thread; this hvdtrain importable.
+    The implementations hvdtrain runs also get hvdtrain's rank environment
+    (horovod_env_defaults, the user's values win); raw MPI, torch-gloo and the `-stock`
+    variant run as a user would get them. It goes in at launch because some of it is read
+    once at process start (THP_MEM_ALLOC_ENABLE at the first tensor allocation, OMPI_MCA_*
+    at MPI_Init), before any hvdtrain code could set it."""
+    path = [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")]
+    env = launcher_env({"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+                        "PYTHONPATH": os.pathsep.join(p for p in path if p)})
+    if impl in HVDTRAIN_CONFIGURED:
+        for key, value in horovod_env_defaults().items():
+            env.setdefault(key, value)
+    return env
+
+
+def version(dist: str) -> str:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+    except OSError:
+        names = []
+    return names[0] if names else platform.processor()
+
+
+def collect_meta(args: argparse.Namespace, failed: dict[str, str]) -> dict[str, Any]:
+    cpu = cpu_model()
+    try:
+        mpi = subprocess.run(["mpirun", "--version"], capture_output=True, text=True, check=False,
+                             timeout=30).stdout.splitlines()[0]
+    except (OSError, IndexError, subprocess.TimeoutExpired):
+        mpi = "mpirun not found"
+    return {"host": socket.gethostname(), "cores": os.cpu_count(), "cpu": cpu,
+            "python": platform.python_version(), "torch": version("torch"),
+            "numpy": version("numpy"), "horovod": version("horovod"), "mpi4py": version("mpi4py"),
+            "mpi": mpi, "impls": args.impls, "failed": failed,
+            "settings": {"np": args.np, "min_bytes": args.min_bytes, "max_bytes": args.max_bytes,
+                         "factor": args.factor, "iters": args.iters, "warmup": args.warmup,
+                         "chunk_bytes": args.chunk_bytes, "mpirun_args": args.mpirun_args,
+                         "dtype": "float32", "op": "sum, in place", "torch_threads": 1,
+                         "job_env": {k: os.environ.get(k, v)
+                                     for k, v in horovod_env_defaults().items()},
+                         "job_env_note": f"given to {', '.join(sorted(HVDTRAIN_CONFIGURED))}"}}
+
+
+def print_table(rows: list[dict[str, Any]]) -> None:
+    """One line per (impl, size); `vs mpi4py` is busbw over raw MPI's at the same size."""
+    ref = {r["bytes"]: r["busbw_gbps"] for r in rows if r["impl"] == "mpi4py"}
+    head = (f"{'impl':<18}{'np':>3}{'bytes':>12}{'p50_us':>12}{'algbw GB/s':>12}"
+            f"{'busbw GB/s':>12}{'vs mpi4py':>11}")
+    print(head + "\n" + "-" * len(head))
+    for r in rows:
+        base = ref.get(r["bytes"]) if r["impl"] != "memcpy" else None
+        rel = f"{r['busbw_gbps'] / base:.2f}" if base else ""
+        print(f"{r['impl']:<18}{r['np']:>3}{r['bytes']:>12}{r['p50_us']:>12.1f}"
+              f"{r['algbw_gbps']:>12.3f}{r['busbw_gbps']:>12.3f}{rel:>11}")
+
+
+def plot(rows: list[dict[str, Any]], meta: dict[str, Any], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    for impl in dict.fromkeys(r["impl"] for r in rows):
+        mine = [r for r in rows if r["impl"] == impl and r["busbw_gbps"] > 0]
+        label = f"{impl} (1 rank, copy rate)" if impl == "memcpy" else impl
+        ax.plot([r["bytes"] for r in mine], [r["busbw_gbps"] for r in mine], marker="o",
+                ms=3, label=label, linestyle="--" if impl == "memcpy" else "-")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")  # small messages are latency-bound: GB/s spans decades
+    ax.set_xlabel("message size (bytes, float32, in place)")
+    ax.set_ylabel("bus bandwidth (GB/s) = algbw x 2(N-1)/N")
+    ax.set_title(f"allreduce busbw, np={meta['settings']['np']} on {meta['host']} "
+                 f"({meta['cores']} cores, {meta['cpu']})", fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="hvdtrain bench allreduce", description=__doc__.split("\n")[0])
+    p.add_argument("--np", type=int, default=2, help="ranks per job (memcpy always uses 1)")
+    p.add_argument("--out", type=Path, default=Path("bench-allreduce"), help="output folder")
+    p.add_argument("--impls", default=",".join(DEFAULT_IMPLS),
+                   help=f"comma-separated, from {', '.join(IMPLS)}")
+    p.add_argument("--min-bytes", type=int, default=4)
+    p.add_argument("--max-bytes", type=int, default=256 << 20)
+    p.add_argument("--factor", type=int, default=4, help="size step (4: 4 B, 16 B, ... 256 MiB)")
+    p.add_argument("--iters", type=int, default=200, help="timed iterations (fewer for big sizes)")
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--chunk-bytes", type=int, default=1 << 20, help="hvdtrain-ring chunk size")
+    p.add_argument("--mpirun-args", default="--oversubscribe --bind-to none",
+                   help="extra mpirun flags for the MPI jobs")
+    p.add_argument("--timeout", type=float, default=900, help="seconds per job before it is killed")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--rows", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    args.impls = [s for s in args.impls.split(",") if s]
+    unknown = [s for s in args.impls if s not in IMPLS]
+    if unknown or args.np < 1:
+        p.error(f"unknown --impls {unknown} (choose from {', '.join(IMPLS)})" if unknown
+                else f"--np must be >= 1, got {args.np}")
+    byte_sizes(args.min_bytes, args.max_bytes, args.factor)  # validate early, with the values
+    return args
+
+
+def main(argv: list[str]) -> int:
+    """Run the benchmark (or, with the hidden --worker, one rank of one job); 0 if every job ran."""
+    try:
+        args = parse_args(argv)
+    except ValueError as exc:
+        print(f"hvdtrain bench allreduce: {exc}", file=sys.stderr)
+        return 2
+    if args.worker:
+        return run_worker(args)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "logs").mkdir(exist_ok=True)
+    args.rows = (args.out / ROWS_FILE).resolve()
+    args.rows.write_text("")
+    failed: dict[str, str] = {}
+    for impl in args.impls:
+        log = args.out / "logs" / f"{impl}.log"
+        cmd = launch_command(impl, args, free_port())
+        print(f"[bench] {impl}: {' '.join(cmd[:6])} ...", flush=True)
+        result = run(cmd, timeout=args.timeout, env=job_env(impl))  # kills the whole job on timeout
+        log.write_text(result.stdout)
+        if result.returncode != 0:
+            why = f"timed out after {args.timeout:.0f} s" if result.returncode == TIMEOUT_EXIT \
+                else f"exit {result.returncode}"
+            failed[impl] = f"{why}; see {log}"
+            print(f"[bench] {impl} FAILED: {failed[impl]}", file=sys.stderr, flush=True)
+    rows = [json.loads(line) for line in args.rows.read_text().splitlines() if line.strip()]
+    meta = collect_meta(args, failed)
+    (args.out / JSON_FILE).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+    print_table(rows)
+    if rows:
+        plot(rows, meta, args.out / PNG_FILE)
+    print(f"[bench] wrote {args.out / JSON_FILE} and {args.out / PNG_FILE}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,108 @@
+"""`hvdtrain bench allreduce` runs for real (tiny sizes) and writes well-formed JSON and a PNG.
+
+Benchmarks are not timed tests: nothing here depends on how fast anything is.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from hvdtrain.backends.allreduce_impls import DEFAULT_IMPLS, horovod_env_defaults
+from hvdtrain.bench_allreduce import byte_sizes, iterations, make_row
+
+ROOT = Path(__file__).resolve().parents[1]
+NP = 2
+
+
+def available_impls() -> list[str]:
+    """Every default implementation whose library is installed (Horovod may be absent)."""
+    have_hvd = importlib.util.find_spec("horovod") is not None
+    return [i for i in DEFAULT_IMPLS if have_hvd or not i.startswith("horovod")]
+
+
+def test_sizes_iterations_and_row_arithmetic() -> None:
+    assert byte_sizes(4, 256 << 20, 4)[-1] == 256 << 20 and 64 << 20 in byte_sizes(4, 256 << 20, 4)
+    assert byte_sizes(4, 65536, 2) == [4 << k for k in range(15)]
+    with pytest.raises(ValueError, match="min-bytes"):
+        byte_sizes(2, 100, 4)
+    assert iterations(4, 3, 5) == (3, 3)
+    warm, timed = iterations(256 << 20, 200, 5)
+    assert 10 <= timed < 200 and warm == 5
+    row = make_row("mpi4py", 4, 1 << 20, 1e-3)
+    assert math.isclose(row["busbw_gbps"], row["algbw_gbps"] * 2 * 3 / 4)
+    copy = make_row("memcpy", 1, 64, 1e-6)
+    assert copy["busbw_gbps"] == copy["algbw_gbps"]
+
+
+def test_horovod_env_defaults_are_environment_strings() -> None:
+    env = horovod_env_defaults()
+    assert env and all(k.replace("_", "").isalnum() and isinstance(v, str) for k, v in env.items())
+
+
+def test_collective_tuning_only_when_known_single_host(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "4")
+    monkeypatch.setenv("OMPI_COMM_WORLD_LOCAL_SIZE", "4")
+    assert any(k.startswith("OMPI_MCA_coll_tuned") for k in horovod_env_defaults())
+    monkeypatch.setenv("OMPI_COMM_WORLD_LOCAL_SIZE", "2")  # two hosts: leave Open MPI's choice
+    env = horovod_env_defaults()
+    assert not any(k.startswith("OMPI_MCA_coll_tuned") for k in env)
+    assert env["THP_MEM_ALLOC_ENABLE"] == "1"
+
+
+def test_bench_jobs_get_hvdtrain_env_but_user_values_win(monkeypatch: pytest.MonkeyPatch) -> None:
+    from hvdtrain.bench_allreduce import job_env
+    key = next(iter(horovod_env_defaults()))
+    monkeypatch.delenv(key, raising=False)
+    assert job_env("horovod-mpi")[key] == horovod_env_defaults()[key]
+    assert key not in job_env("horovod-mpi-stock") and key not in job_env("mpi4py")
+    monkeypatch.setenv(key, "user-value")
+    assert job_env("horovod-mpi")[key] == "user-value"
+
+
+@pytest.mark.mpi
+def test_bench_writes_json_table_and_png(tmp_path: Path) -> None:
+    impls = available_impls()
+    out = tmp_path / "bench"
+    cmd = [sys.executable, "-m", "hvdtrain.bench_allreduce", "--np", str(NP), "--out", str(out),
+           "--max-bytes", "65536", "--iters", "3", "--timeout", "240", "--impls", ",".join(impls)]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT, check=False)
+    assert result.returncode == 0, f"{cmd} exited {result.returncode}:\n{result.stdout[-3000:]}\n" \
+                                   f"{result.stderr[-3000:]}"
+
+    doc = json.loads((out / "allreduce.json").read_text())
+    meta, rows = doc["meta"], doc["rows"]
+    assert meta["failed"] == {} and meta["settings"]["np"] == NP
+    for key in ("host", "cores", "torch", "horovod", "mpi", "mpi4py"):
+        assert meta[key], key
+    sizes = byte_sizes(4, 65536, meta["settings"]["factor"])
+    for impl in impls:
+        mine = [r for r in rows if r["impl"] == impl]
+        assert [r["bytes"] for r in mine] == sizes, impl  # every size, increasing
+        n = 1 if impl == "memcpy" else NP
+        for r in mine:
+            assert r["np"] == n
+            assert math.isfinite(r["p50_us"]) and r["p50_us"] > 0, r
+            algbw = r["bytes"] / (r["p50_us"] * 1e-6) / 1e9
+            assert math.isclose(r["algbw_gbps"], algbw, rel_tol=1e-9), r
+            factor = 1.0 if impl == "memcpy" else 2 * (n - 1) / n
+            assert math.isclose(r["busbw_gbps"], r["algbw_gbps"] * factor, rel_tol=1e-9), r
+    assert {r["impl"] for r in rows} == set(impls)
+    lines = result.stdout.splitlines()
+    for impl in impls:  # the printed table has one line per row
+        assert sum(line.startswith(f"{impl} ") for line in lines) == len(sizes), impl
+
+    png = (out / "allreduce.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
+
+
+def test_bad_arguments_fail_with_a_message(tmp_path: Path) -> None:
+    from hvdtrain.bench_allreduce import main
+    assert main(["--out", str(tmp_path), "--max-bytes", "2"]) == 2
+    with pytest.raises(SystemExit):
+        main(["--impls", "nccl"])
