@@ -1,0 +1,302 @@
+"""`hvdtrain bench train`: what data parallelism costs and buys on this machine.
+
+For 1..N ranks it runs `hvdtrain train` under each strategy (Horovod gradient allreduce, the
+MPI fallback at each `--sync-every` k, and the MPI fallback that never averages during the run
+as the no-communication reference) on a compute-bound MLP with `--threads` torch threads per
+rank, and reports samples/s, scaling efficiency samples/s(N) / (N x samples/s(1)), bytes per
+step and each rank's peak RSS. At 1 rank it also runs the same model, data and batch as a
+plain torch loop written the way a user would (below), so hvdtrain's own overhead shows as a
+ratio. `--memory-rows R` adds the memory check: peak RSS on an R-row set against the same run
+on a tiny set, next to the bytes of the rank's data block.
+
+Peak RSS is read inside every rank at exit (ru_maxrss) by running the rank as
+`python -m hvdtrain.bench_train RSS_DIR <hvdtrain argv>`: the same code path, plus an exit
+hook. Writes OUT/train.json (rows + meta) and prints a table.
+"""
+from __future__ import annotations
+
+import argparse
+import atexit
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from hvdtrain import data as D
+from hvdtrain.checkpoint import atomic_write_text
+from hvdtrain.launch import horovodrun_cmd, mpirun_args, run
+
+NO_COMM_K = 1_000_000_000
+"""sync_every larger than any run: the MPI fallback then only averages once, after the last step."""
+RANK_VARS = ("OMPI_COMM_WORLD_RANK", "PMIX_RANK", "HOROVOD_RANK", "PMI_RANK")
+
+
+def plain_loop(folder: Path, hidden: tuple[int, ...], batch_size: int, epochs: int, lr: float,
+               seed: int, threads: int) -> dict[str, Any]:
+    """The reference: one process, whole set in memory, shuffled index batches, SGD. No hvdtrain."""
+    import numpy as np
+    import torch
+    from torch import nn
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    X = torch.from_numpy(np.load(folder / "X.npy"))
+    y = torch.from_numpy(np.load(folder / "y.npy")).reshape(-1, 1)
+    layers: list[nn.Module] = []
+    width = X.shape[1]
+    for h in hidden:
+        layers += [nn.Linear(width, h), nn.ReLU()]
+        width = h
+    model = nn.Sequential(*layers, nn.Linear(width, 1))
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    loss_fn = nn.MSELoss()
+    steps = len(X) // batch_size
+    start = time.perf_counter()
+    for _ in range(epochs):
+        perm = torch.randperm(len(X))
+        for s in range(steps):
+            idx = perm[s * batch_size:(s + 1) * batch_size]
+            optimizer.zero_grad()
+            loss = loss_fn(model(X[idx]), y[idx])
+            loss.backward()
+            optimizer.step()
+    seconds = time.perf_counter() - start
+    return {"backend": "plain", "world_size": 1, "steps": steps * epochs, "train_seconds": seconds,
+            "samples_per_sec": steps * epochs * batch_size / seconds, "final_loss": loss.item(),
+            "bytes_per_step": 0, "comm_seconds": 0.0, "parameters": sum(p.numel() for p in model.parameters())}
+
+
+def _rank_main(argv: list[str]) -> int:
+    """Rank entry: `RSS_DIR train ...` runs hvdtrain, `RSS_DIR plain OUT JSON` the plain loop."""
+    rss_dir = Path(argv[0])
+    rank = next((os.environ[v] for v in RANK_VARS if v in os.environ), "0")
+
+    def write_rss() -> None:  # ru_maxrss is KiB on Linux: the process's peak resident set
+        import resource
+        rss_dir.mkdir(parents=True, exist_ok=True)
+        (rss_dir / f"rank-{rank}").write_text(str(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024))
+
+    atexit.register(write_rss)
+    if argv[1] == "plain":
+        out, s = Path(argv[2]), json.loads(argv[3])
+        summary = plain_loop(Path(s["data"]), tuple(s["hidden"]), s["batch_size"], s["epochs"], s["lr"],
+                             s["seed"], s["threads"])
+        atomic_write_text(json.dumps(summary, indent=2) + "\n", out / "summary.json")
+        return 0
+    from hvdtrain.cli import main
+    return main(argv[1:])
+
+
+def strategies(ks: list[int]) -> list[tuple[str, str, list[str]]]:
+    """(label, launcher, hvdtrain flags) for the multi-rank strategies."""
+    out = [("horovod", "horovodrun", ["--backend", "horovod"])]
+    out += [(f"mpi k={k}", "mpirun", ["--backend", "mpi", "--sync-every", str(k)]) for k in ks]
+    return out + [("no comm", "mpirun", ["--backend", "mpi", "--sync-every", str(NO_COMM_K)])]
+
+
+def launch(label: str, launcher: str, ranks: int, argv: list[str], run_dir: Path,
+           timeout: float) -> dict[str, Any]:
+    """Run one job under the RSS hook; its summary.json plus every rank's peak RSS."""
+    shutil.rmtree(run_dir, ignore_errors=True)
+    hooked = ["hvdtrain.bench_train", str(run_dir / "rss"), *argv]
+    if launcher == "horovodrun":
+        cmd = horovodrun_cmd(ranks, hooked)
+    elif launcher == "mpirun":
+        cmd = mpirun_args(ranks) + [sys.executable, "-m", "mpi4py", "-m", *hooked]
+    else:
+        cmd = [sys.executable, "-m", *hooked]
+    print(f"$ {' '.join(cmd)}", flush=True)
+    result = run(cmd, timeout=timeout)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "launch.log").write_text(result.stdout)
+    if result.returncode != 0:
+        tail = " | ".join(result.stdout.strip().splitlines()[-5:])
+        raise RuntimeError(f"{label} at {ranks} rank(s) exited {result.returncode}: {tail}")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    rss = summary.get("peak_rss_bytes") or [_read_int(run_dir / "rss" / f"rank-{r}") for r in range(ranks)]
+    return {"summary": summary, "peak_rss_bytes": rss if isinstance(rss, list) else [rss]}
+
+
+def _read_int(path: Path) -> int | None:
+    return int(path.read_text()) if path.is_file() else None
+
+
+def row_of(label: str, ranks: int, runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Best-of-repeats throughput (noise from other load only ever slows a run down)."""
+    best = max(runs, key=lambda r: r["summary"]["samples_per_sec"])
+    s = best["summary"]
+    return {"strategy": label, "ranks": ranks, "samples_per_sec": s["samples_per_sec"],
+            "samples_per_sec_runs": [r["summary"]["samples_per_sec"] for r in runs],
+            "train_seconds": s["train_seconds"], "steps": s["steps"], "bytes_per_step": s["bytes_per_step"],
+            "comm_fraction": s["comm_seconds"] / max(s["train_seconds"], 1e-9),
+            "final_loss": s["final_loss"], "eval_loss": s.get("eval_loss"), "parameters": s.get("parameters"),
+            "peak_rss_bytes": best["peak_rss_bytes"]}
+
+
+def add_ratios(rows: list[dict[str, Any]]) -> None:
+    """efficiency = samples/s(N) / (N x samples/s(1)) of the same strategy; 1-rank rows vs plain."""
+    one = {r["strategy"]: r["samples_per_sec"] for r in rows if r["ranks"] == 1}
+    for r in rows:
+        base = one.get(r["strategy"])
+        r["efficiency"] = r["samples_per_sec"] / (r["ranks"] * base) if base else None
+        r["vs_plain"] = r["samples_per_sec"] / one["plain torch"] if r["ranks"] == 1 and "plain torch" in one else None
+
+
+def block_bytes(folder: Path, rank: int, size: int) -> int:
+    """Bytes of the arrays a rank keeps: its training and eval blocks (X and y, float32)."""
+    info = D.describe(folder)
+    row = (info.n_features + info.n_outputs) * 4
+    n = len(D.partition(info.n_train, rank, size))
+    lo, hi = D.block_bounds(info.n_eval, rank, size)
+    return (n + hi - lo) * row
+
+
+def regression_set(out: Path, rows: int, seed: int) -> Path:
+    """The built-in regression set inside `out`, written once and reused by every run."""
+    folder = D.builtin_folder(out, "regression", rows, seed)
+    return folder if (folder / "meta.json").is_file() else D.make_dataset("regression", folder, rows, seed)
+
+
+def memory_rows(args: argparse.Namespace, ks: list[int], out: Path, common: list[str]) -> list[dict[str, Any]]:
+    """Peak RSS per rank on a large set vs a tiny one (same small model): what the data block costs."""
+    rows = []
+    sets = {tag: regression_set(out, n, args.seed) for tag, n in (("base", args.memory_base_rows),
+                                                                   ("big", args.memory_rows))}
+    for label, launcher, flags in strategies([max(ks)])[:2]:
+        rss: dict[str, list[int | None]] = {}
+        for tag, folder in sets.items():
+            run_dir = out / "runs" / f"memory-{label.replace(' ', '-').replace('=', '')}-{tag}"
+            argv = ["train", "--data", str(folder), *common, *flags, "--model", "net", "--epochs", "1",
+                    "--batch-size", str(args.batch_size), "--out", str(run_dir), "--overwrite"]
+            res = launch(label, launcher, args.np, argv, run_dir, args.timeout)
+            rss[tag], model_bytes = res["peak_rss_bytes"], res["summary"]["parameters"] * 4
+        for rank, (big, base) in enumerate(zip(rss["big"], rss["base"])):
+            block = block_bytes(sets["big"], rank, args.np)
+            excess = big - base if big is not None and base is not None else None
+            rows.append({"strategy": label, "ranks": args.np, "rank": rank, "rows": args.memory_rows,
+                         "base_rows": args.memory_base_rows, "peak_rss_bytes": big, "base_rss_bytes": base,
+                         "excess_bytes": excess, "block_bytes": block, "model_bytes": model_bytes,
+                         "excess_over_block_model": None if excess is None else excess / (block + model_bytes)})
+    return rows
+
+
+def machine() -> dict[str, Any]:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").is_file() else ""
+    versions = {}
+    for pkg in ("torch", "numpy", "horovod", "mpi4py"):
+        try:
+            versions[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            versions[pkg] = None
+    try:
+        mpi = subprocess.run(["mpirun", "--version"], capture_output=True, text=True, timeout=30).stdout
+        versions["mpirun"] = mpi.strip().splitlines()[0] if mpi.strip() else None
+    except (OSError, subprocess.SubprocessError):
+        versions["mpirun"] = None
+    return {"host": platform.node(), "cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
+            "platform": platform.platform(), "versions": versions}
+
+
+COLUMNS = [("strategy", "strategy", "{}"), ("ranks", "ranks", "{}"), ("samples/s", "samples_per_sec", "{:.0f}"),
+           ("efficiency", "efficiency", "{:.3f}"), ("vs plain", "vs_plain", "{:.3f}"),
+           ("KB/step", "kb_step", "{:.1f}"), ("comm %", "comm_pct", "{:.1f}"),
+           ("eval loss", "eval_loss", "{:.5g}"), ("peak RSS MB", "rss_mb", "{}")]
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    cells = []
+    for r in rows:
+        v = {**r, "kb_step": r["bytes_per_step"] / 1e3, "comm_pct": 100 * r["comm_fraction"],
+             "rss_mb": "/".join(f"{b / 2**20:.0f}" if b else "?" for b in r["peak_rss_bytes"])}
+        cells.append([fmt.format(v[k]) if v.get(k) is not None else "-" for _, k, fmt in COLUMNS])
+    head = [name for name, _, _ in COLUMNS]
+    widths = [max(len(c) for c in col) for col in zip(head, *cells)]
+    lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(line, widths)))
+             for line in [head, ["-" * w for w in widths], *cells]]
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from hvdtrain.cli import Parser
+    p = Parser(prog="hvdtrain bench train", description=__doc__.split("\n\n")[0],
+               epilog="Other flags (e.g. --config run.toml, --optimizer) go to every `hvdtrain train` run.")
+    p.add_argument("--np", type=int, default=2, help="largest rank count; runs 1..NP")
+    p.add_argument("--out", default="runs/bench-train", help="folder for train.json and the runs")
+    p.add_argument("--rows", type=int, default=100_000, help="rows of the built-in regression set")
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--hidden", default="1024,1024", help="MLP widths (compute-bound by default)")
+    p.add_argument("--batch-size", type=int, default=64, help="samples per rank per step")
+    p.add_argument("--lr", type=float, default=0.01)
+    p.add_argument("--threads", type=int, default=1, help="torch threads per rank")
+    p.add_argument("--sync-every", default="1,16", help="MPI fallback k values, comma-separated")
+    p.add_argument("--repeat", type=int, default=1, help="runs per row, interleaved; the best counts")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--memory-rows", type=int, default=0, help="rows for the peak-RSS check (0: skip)")
+    p.add_argument("--memory-base-rows", type=int, default=20_000, help="rows of its tiny reference set")
+    p.add_argument("--timeout", type=float, default=1800, help="seconds per run")
+    return p
+
+
+def main(argv: list[str]) -> int:
+    args, extra = build_parser().parse_known_args(argv)
+    try:
+        hidden = tuple(int(h) for h in args.hidden.split(",") if h.strip())
+        ks = [int(k) for k in args.sync_every.split(",") if k.strip()]
+    except ValueError:
+        sys.stderr.write(f"hvdtrain: error: --hidden {args.hidden!r} and --sync-every {args.sync_every!r} must be "
+                         f"comma-separated integers like 1024,1024 and 1,16\n")
+        return 2
+    if args.np < 1 or args.repeat < 1 or not hidden:
+        sys.stderr.write(f"hvdtrain: error: --np {args.np} and --repeat {args.repeat} must be >= 1 and --hidden "
+                         f"non-empty; use e.g. --np 2 --repeat 1 --hidden 1024,1024\n")
+        return 2
+    out = Path(args.out).resolve()
+    folder = regression_set(out, args.rows, args.seed)
+    common = ["--seed", str(args.seed), "--threads", str(args.threads), "--lr", str(args.lr), *extra]
+    model = ["--model", "mlp", "--hidden", args.hidden, "--epochs", str(args.epochs),
+             "--batch-size", str(args.batch_size), "--data", str(folder), *common]
+    plain = {"data": str(folder), "hidden": hidden, "batch_size": args.batch_size, "epochs": args.epochs,
+             "lr": args.lr, "seed": args.seed, "threads": args.threads}
+    jobs = [("plain torch", "python", 1, []), ("single", "python", 1, ["--backend", "single"])]
+    jobs += [(label, launcher, n, flags) for n in range(1, args.np + 1) for label, launcher, flags in strategies(ks)]
+    load_before = os.getloadavg()
+    results: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    try:
+        for rep in range(args.repeat):
+            for label, launcher, n, flags in jobs:
+                run_dir = out / "runs" / f"{label.replace(' ', '-').replace('=', '')}-np{n}-r{rep}"
+                argv = (["plain", str(run_dir), json.dumps(plain)] if label == "plain torch" else
+                        ["train", *model, *flags, "--out", str(run_dir), "--overwrite"])
+                results.setdefault((label, n), []).append(launch(label, launcher, n, argv, run_dir, args.timeout))
+        memory = memory_rows(args, ks, out, common) if args.memory_rows else []
+    except RuntimeError as exc:
+        sys.stderr.write(f"hvdtrain: error: run {exc}; see {out}/runs/*/launch.log\n")
+        return 1
+    rows = [row_of(label, n, runs) for (label, n), runs in results.items()]
+    add_ratios(rows)
+    meta = {**machine(), "load_before": load_before, "load_after": os.getloadavg(),
+            "settings": {**vars(args), "train_args": extra, "model": "mlp", "data": str(folder)}}
+    atomic_write_text(json.dumps({"meta": meta, "rows": rows, "memory": memory}, indent=2) + "\n", out / "train.json")
+    title = (f"hvdtrain bench train: 1..{args.np} ranks, mlp {args.hidden}, batch {args.batch_size}/rank, "
+             f"{args.rows} rows x {args.epochs} epoch(s), {args.threads} thread(s)/rank, {meta['cores']} cores")
+    print(f"\n{title}\n{format_table(rows)}")
+    for m in memory:
+        mib = {k: f"{m[k] / 2**20:.1f}" if m[k] is not None else "?" for k in
+               ("peak_rss_bytes", "base_rss_bytes", "excess_bytes", "block_bytes", "model_bytes")}
+        ratio = f"{m['excess_over_block_model']:.2f}" if m["excess_over_block_model"] is not None else "?"
+        print(f"memory {m['strategy']} rank {m['rank']}: peak RSS {mib['peak_rss_bytes']} MiB on {m['rows']} rows, "
+              f"{mib['base_rss_bytes']} MiB on {m['base_rows']}; excess {mib['excess_bytes']} MiB = {ratio} x "
+              f"(block {mib['block_bytes']} MiB + model {mib['model_bytes']} MiB)")
+    print(f"\nwrote {out}/train.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_rank_main(sys.argv[1:]))

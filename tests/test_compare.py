@@ -1,0 +1,83 @@
+"""`hvdtrain compare` end to end: two ranks, each strategy launched for real on a tiny set.
+
+Checks what the strategies must agree on by construction: Horovod's gradient allreduce and the
+MPI fallback averaging every step (k=1, alpha=1, equal blocks, plain SGD) are the same update,
+so their losses match to float rounding, and averaging every 4 steps sends a quarter of the
+bytes (plus one final average when the step count is not a multiple of 4).
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+from hvdtrain.launch import run
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    out = tmp_path_factory.mktemp("compare")
+    cmd = [sys.executable, "-m", "hvdtrain", "compare", "--np", "2", "--out", str(out), "--rows", "2000",
+           "--epochs", "1", "--sync-every", "1,4"]
+    result = run(cmd, timeout=600)
+    assert result.returncode == 0, result.stdout[-4000:]
+    return out, result.stdout
+
+
+@pytest.mark.mpi
+def test_one_run_per_strategy(report: tuple[Path, str]) -> None:
+    out, stdout = report
+    data = json.loads((out / "compare.json").read_text())
+    assert data["np"] == 2
+    assert [r["label"] for r in data["runs"]] == ["horovod", "mpi k=1", "mpi k=4"]
+    summaries = [r["summary"] for r in data["runs"]]
+    assert [s["backend"] for s in summaries] == ["horovod", "mpi", "mpi"]
+    assert [s["sync_every"] for s in summaries[1:]] == [1, 4]
+    assert all(s["world_size"] == 2 and s["steps"] > 0 for s in summaries)
+    assert len({s["samples"] for s in summaries}) == 1, "every strategy must see the same number of samples"
+    for s in summaries:
+        assert math.isfinite(s["final_loss"]) and s["samples_per_sec"] > 0
+    for label in ("horovod", "mpi k=1", "mpi k=4"):
+        assert label in stdout
+
+
+@pytest.mark.mpi
+def test_horovod_equals_mpi_averaging_every_step(report: tuple[Path, str]) -> None:
+    runs = {r["label"]: r["summary"] for r in json.loads((report[0] / "compare.json").read_text())["runs"]}
+    hvd, mpi = runs["horovod"], runs["mpi k=1"]
+    for key in ("final_loss", "eval_loss"):
+        assert hvd[key] == pytest.approx(mpi[key], rel=1e-5), key
+    assert hvd["bytes_communicated"] == mpi["bytes_communicated"] > 0
+
+
+@pytest.mark.mpi
+def test_averaging_every_4_steps_sends_a_quarter(report: tuple[Path, str]) -> None:
+    runs = {r["label"]: r["summary"] for r in json.loads((report[0] / "compare.json").read_text())["runs"]}
+    k1, k4 = runs["mpi k=1"], runs["mpi k=4"]
+    steps = k1["steps"]
+    assert k4["steps"] == steps
+    per_sync = k1["bytes_communicated"] / steps  # k=1 averages once per step
+    assert k4["bytes_communicated"] == pytest.approx(math.ceil(steps / 4) * per_sync)
+    assert abs(k4["bytes_communicated"] / k1["bytes_communicated"] - 1 / 4) <= 1 / steps
+
+
+@pytest.mark.mpi
+def test_report_and_plots(report: tuple[Path, str]) -> None:
+    out = report[0]
+    text = (out / "report.md").read_text()
+    assert "| strategy |" in text
+    for label in ("horovod", "mpi k=1", "mpi k=4"):
+        assert f"| {label} |" in text
+    images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
+    assert len(images) >= 3, text
+    for name in images:
+        path = out / name
+        assert path.is_file(), f"report.md links {name}, which is missing"
+        assert path.read_bytes()[:8] == PNG_MAGIC, f"{name} is not a PNG file"
+        assert path.stat().st_size > 1000
