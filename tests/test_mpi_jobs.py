@@ -86,8 +86,6 @@ def test_compare(tmp_path):
 def test_bench(kind, args, tmp_path):
     out = tmp_path / f"bench-{kind}"
     result = job("bench", tmp_path, kind, *args, NP="2", OUT=str(out), timeout=600)
-    if "invalid choice: 'bench'" in result.stdout or f"No module named 'hvdtrain.bench_{kind}'" in result.stdout:
-        pytest.skip(f"`hvdtrain bench {kind}` does not exist yet")
     assert result.returncode == 0, result.stdout[-4000:]
     assert command_line(result).split()[2:7] == ["bench", kind, "--np", "2", "--out"]
     reports = list(out.glob("*.json"))
