@@ -124,6 +124,10 @@ def job_env(impl: str) -> dict[str, str]:
     if impl in HVDTRAIN_CONFIGURED:
         for key, value in horovod_env_defaults().items():
             env.setdefault(key, value)
+    else:  # as a user would run it: none of hvdtrain's defaults unless they exported them
+        for key in horovod_env_defaults():
+            if key not in os.environ:
+                env.pop(key, None)
     return env
 
 
