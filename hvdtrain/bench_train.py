@@ -35,7 +35,7 @@ RANK_VARS = ("OMPI_COMM_WORLD_RANK", "PMIX_RANK", "HOROVOD_RANK", "PMI_RANK")
 
 
 def plain_loop(folder: Path, hidden: tuple[int, ...], batch_size: int, epochs: int, lr: float,
-               seed: int, threads: int) -> dict[str, Any]:
+               seed: int, threads: int, device: str = "cpu") -> dict[str, Any]:
     """The reference: one process, whole set in memory, shuffled index batches, SGD. No hvdtrain."""
     import numpy as np
     import torch
@@ -43,26 +43,31 @@ def plain_loop(folder: Path, hidden: tuple[int, ...], batch_size: int, epochs: i
 
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
-    X = torch.from_numpy(np.load(folder / "X.npy"))
-    y = torch.from_numpy(np.load(folder / "y.npy")).reshape(-1, 1)
+    dev = torch.device(device)
+    X = torch.from_numpy(np.load(folder / "X.npy")).to(dev)
+    y = torch.from_numpy(np.load(folder / "y.npy")).reshape(-1, 1).to(dev)
     layers: list[nn.Module] = []
     width = X.shape[1]
     for h in hidden:
         layers += [nn.Linear(width, h), nn.ReLU()]
         width = h
-    model = nn.Sequential(*layers, nn.Linear(width, 1))
+    model = nn.Sequential(*layers, nn.Linear(width, 1)).to(dev)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
     loss_fn = nn.MSELoss()
     steps = len(X) // batch_size
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
     start = time.perf_counter()
     for _ in range(epochs):
-        perm = torch.randperm(len(X))
+        perm = torch.randperm(len(X), device=dev)
         for s in range(steps):
             idx = perm[s * batch_size:(s + 1) * batch_size]
             optimizer.zero_grad()
             loss = loss_fn(model(X[idx]), y[idx])
             loss.backward()
             optimizer.step()
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     return {"backend": "plain", "world_size": 1, "steps": steps * epochs, "train_seconds": seconds,
             "samples_per_sec": steps * epochs * batch_size / seconds, "final_loss": loss.item(),

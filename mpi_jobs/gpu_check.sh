@@ -49,33 +49,12 @@ echo "+ hvdtrain train --backend horovod (1 GPU)"
   --batch-size "$BATCH" --epochs "$EPOCHS" --lr 0.001 --out "$OUT/hvdtrain" --overwrite --log-every 50
 echo "+ plain torch loop (same model, data, batch)"
 "$PY" - "$OUT" "$HIDDEN" "$BATCH" "$EPOCHS" <<'PY'
-import json, sys, time
+import json, sys
 from pathlib import Path
-import numpy as np, torch
-from torch import nn
-out, hidden, batch, epochs = Path(sys.argv[1]), [int(h) for h in sys.argv[2].split(",")], int(sys.argv[3]), int(sys.argv[4])
-dev = torch.device("cuda", 0)
-torch.manual_seed(0)
-X = torch.from_numpy(np.load(out / "data" / "X.npy")).to(dev)
-y = torch.from_numpy(np.load(out / "data" / "y.npy")).reshape(-1, 1).to(dev)
-layers, width = [], X.shape[1]
-for h in hidden:
-    layers += [nn.Linear(width, h), nn.ReLU()]
-    width = h
-model = nn.Sequential(*layers, nn.Linear(width, 1)).to(dev)
-opt, loss_fn, steps = torch.optim.SGD(model.parameters(), lr=0.001), nn.MSELoss(), len(X) // batch
-torch.cuda.synchronize()
-start = time.perf_counter()
-for _ in range(epochs):
-    perm = torch.randperm(len(X), device=dev)
-    for s in range(steps):
-        idx = perm[s * batch:(s + 1) * batch]
-        opt.zero_grad()
-        loss = loss_fn(model(X[idx]), y[idx])
-        loss.backward()
-        opt.step()
-torch.cuda.synchronize()
-plain = steps * epochs * batch / (time.perf_counter() - start)
+import torch
+from hvdtrain.bench_train import plain_loop
+out, hidden, batch, epochs = Path(sys.argv[1]), tuple(int(h) for h in sys.argv[2].split(",")), int(sys.argv[3]), int(sys.argv[4])
+plain = plain_loop(out / "data", hidden, batch, epochs, lr=0.001, seed=0, threads=1, device="cuda")["samples_per_sec"]
 hv = json.loads((out / "hvdtrain" / "summary.json").read_text())
 row = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "hidden": hidden, "batch": batch,
        "plain_samples_per_sec": plain, "hvdtrain_samples_per_sec": hv["samples_per_sec"],
