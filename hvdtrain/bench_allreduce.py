@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from hvdtrain.backends.allreduce_impls import (DEFAULT_IMPLS, HVDTRAIN_CONFIGURED, IMPLS,
+from hvdtrain.comm.allreduce_impls import (DEFAULT_IMPLS, HVDTRAIN_CONFIGURED, IMPLS,
                                               horovod_env_defaults, open_impl)
 from hvdtrain.launch import TIMEOUT_EXIT, horovodrun_cmd, launcher_env, run
 

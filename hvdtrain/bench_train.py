@@ -96,8 +96,8 @@ def _rank_main(argv: list[str]) -> int:
 
 def strategies(ks: list[int]) -> list[tuple[str, str, list[str]]]:
     """(label, launcher, hvdtrain flags) for the multi-rank strategies."""
-    out = [("horovod", "horovodrun", ["--backend", "horovod"])]
-    out += [(f"mpi k={k}", "mpirun", ["--backend", "mpi", "--sync-every", str(k)]) for k in ks]
+    from hvdtrain.strategies import variants
+    out = [tuple(v) for v in variants(ks)]
     return out + [("no comm", "mpirun", ["--backend", "mpi", "--sync-every", str(NO_COMM_K)])]
 
 

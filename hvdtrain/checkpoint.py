@@ -9,7 +9,7 @@ from typing import IO, Any, Callable
 
 import torch
 
-from hvdtrain.config import ConfigError
+from hvdtrain.errors import ConfigError
 
 FORMAT = 1
 _NAME = re.compile(r"^ckpt-(\d{8})\.pt$")
@@ -74,3 +74,63 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"checkpoint {str(path)!r} is not an hvdtrain checkpoint (format "
                           f"{FORMAT}); start without --resume or pass another --out")
     return ckpt
+
+
+# --- what a run checkpoints: every rank's state when replicas differ, else one copy -------------
+
+def fingerprint(model: Any) -> list[tuple[str, tuple[int, ...]]]:
+    return [(name, tuple(p.shape)) for name, p in model.state_dict().items()]
+
+
+def rank_state(model: Any, optimizer: Any, extras: dict[str, Any]) -> dict[str, Any]:
+    """This rank's model, optimizer, RNG and `extras` (scheduler, grad scaler: objects with state_dict)."""
+    state = {"model": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+             "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state()}
+    state.update({k: v.state_dict() for k, v in extras.items() if v is not None})
+    return state
+
+
+def save_run(out: str | Path, comm: Any, strategy: Any, model: Any, optimizer: Any, step: int,
+             extras: dict[str, Any]) -> Path | None:
+    """Rank 0 writes one copy when replicas agree, else every rank's state (gathered)."""
+    mine = rank_state(model, optimizer, extras)
+    states = [mine] if strategy.replicas_identical else comm.gather_object(mine)
+    if comm.rank != 0:
+        return None
+    payload = {"step": step, "world_size": comm.size, "backend": strategy.name,
+               "fingerprint": fingerprint(model), "ranks": states}
+    return save_checkpoint(Path(out) / "checkpoints", step, payload)
+
+
+def restore_run(out: str | Path, comm: Any, strategy: Any, model: Any, optimizer: Any,
+                extras: dict[str, Any]) -> tuple[int, bool]:
+    """Rank 0 loads the newest checkpoint and broadcasts it; returns (step, per_rank_state)."""
+    ckpt: dict[str, Any] | str | None = None
+    if comm.rank == 0:
+        path = latest_checkpoint(Path(out) / "checkpoints")
+        try:
+            if path is None:
+                raise ConfigError(f"--resume found no checkpoint in {out}/checkpoints; run without "
+                                  f"--resume to start fresh")
+            ckpt = load_checkpoint(path)
+            if [(n, tuple(s)) for n, s in ckpt["fingerprint"]] != fingerprint(model):
+                raise ConfigError(f"checkpoint {str(path)!r} was written for another model; resume with "
+                                  f"the same --model/--hidden or choose another --out")
+            if len(ckpt["ranks"]) > 1 and ckpt["world_size"] != comm.size:
+                raise ConfigError(f"checkpoint {str(path)!r} holds {ckpt['world_size']} ranks' state but "
+                                  f"{comm.size} ranks were started; use -np {ckpt['world_size']}")
+        except ConfigError as exc:
+            ckpt = str(exc)
+    ckpt = comm.broadcast_object(ckpt)  # hvdtrain: rank 0's checkpoint to every rank
+    if isinstance(ckpt, str):
+        raise ConfigError(ckpt)
+    assert ckpt is not None
+    per_rank = len(ckpt["ranks"]) > 1 and not strategy.replicas_identical
+    state = ckpt["ranks"][comm.rank if per_rank else 0]
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    for key, obj in extras.items():
+        if obj is not None and key in state:
+            obj.load_state_dict(state[key])
+    torch.set_rng_state(state["rng"])
+    return int(ckpt["step"]), per_rank

@@ -12,7 +12,8 @@ import time
 from typing import Any, Callable
 
 from hvdtrain import __version__
-from hvdtrain.config import ConfigError, load_config
+from hvdtrain.config import SETTINGS, load_config, overrides_from_kwargs, parse_json_object
+from hvdtrain.errors import ConfigError
 
 EXIT_USAGE = 2
 EXIT_NUMERICAL = 3
@@ -40,52 +41,30 @@ def _ints(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
 
 
-# flag -> (config section or None, key, type)
-TRAIN_FLAGS: dict[str, tuple[str | None, str, Any, str]] = {
-    "--backend": ("sync", "backend", str, "horovod (gradient allreduce), mpi (parameter averaging), single"),
-    "--data": ("data", "path", str, "data folder, or built-in set: regression, digits"),
-    "--rows": ("data", "rows", int, "rows of a built-in regression set"),
-    "--partition": ("data", "partition", str, "block or random split of samples over ranks"),
-    "--model": ("model", "name", str, "net (10-20-1 regression) or mlp"),
-    "--hidden": ("model", "hidden", _ints, "mlp widths, e.g. 256,256"),
-    "--dtype": ("model", "dtype", str, "float32 or float64"),
-    "--optimizer": ("optim", "name", str, "sgd or adam"),
-    "--lr": ("optim", "lr", float, "learning rate"),
-    "--momentum": ("optim", "momentum", float, "SGD momentum"),
-    "--sync-every": ("sync", "sync_every", int, "mpi: average parameters every k steps"),
-    "--alpha": ("sync", "alpha", float, "mpi: mixing rate in (0, 1]"),
-    "--weights": ("sync", "weights", _floats, "mpi: per-rank averaging weights, e.g. 0.25,0.75"),
-    "--mpi-allreduce": ("sync", "mpi_allreduce", str, "mpi: native or ring"),
-    "--backward-passes-per-step": ("sync", "backward_passes_per_step", int, "micro-batches per step"),
-    "--epochs": (None, "epochs", int, "passes over each rank's block"),
-    "--batch-size": (None, "batch_size", int, "samples per rank per step"),
-    "--seed": (None, "seed", int, "seed for init, data and shuffles"),
-    "--out": (None, "out", str, "output folder"),
-    "--checkpoint-every": (None, "checkpoint_every", int, "checkpoint every N steps (0: at the end)"),
-    "--log-every": (None, "log_every", int, "average the loss over ranks every N steps"),
-    "--threads": (None, "threads", int, "torch threads per rank (0: cores / local ranks)"),
-    "--collective-timeout": (None, "collective_timeout", float, "seconds before a stalled sync ends the job"),
-}
-TRAIN_SWITCHES = {"--resume": (None, "resume"), "--overwrite": (None, "overwrite"),
-                  "--fp16": ("sync", "fp16"), "--scale-lr": ("optim", "scale_lr")}
+def _json(text: str) -> dict[str, Any]:
+    try:
+        return parse_json_object(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+_TYPES: dict[str, Any] = {"int": int, "float": float, "str": str, "ints": _ints, "floats": _floats, "json": _json}
 
 
 def add_train_flags(p: argparse.ArgumentParser) -> None:
+    """One flag per setting, generated from the config dataclasses (config.SETTINGS)."""
     p.add_argument("--config", help="TOML file; command-line flags override it")
-    for flag, (_, _, typ, text) in TRAIN_FLAGS.items():
-        p.add_argument(flag, type=typ, default=None, help=text)
-    for flag in TRAIN_SWITCHES:
-        p.add_argument(flag, action="store_true", default=None)
+    for s in SETTINGS:
+        dest = s.flag[2:].replace("-", "_")
+        if s.kind == "bool":
+            p.add_argument(s.flag, dest=dest, action="store_true", default=None, help=s.help)
+        else:
+            p.add_argument(s.flag, dest=dest, type=_TYPES[s.kind], default=None, help=s.help.replace("%", "%%"))
 
 
 def overrides_from(args: argparse.Namespace) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    specs = {**{f: (s, k) for f, (s, k, _, _) in TRAIN_FLAGS.items()}, **TRAIN_SWITCHES}
-    for flag, (section, key) in specs.items():
-        value = getattr(args, flag[2:].replace("-", "_"))
-        if value is not None:
-            (out.setdefault(section, {}) if section else out)[key] = value
-    return out
+    given = {s.kwarg: getattr(args, s.flag[2:].replace("-", "_")) for s in SETTINGS}
+    return overrides_from_kwargs({k: v for k, v in given.items() if v is not None})
 
 
 class StopFlag:
@@ -116,20 +95,24 @@ def _fail(message: str, rank: int, size: int, abort: Callable[[int], None] | Non
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from hvdtrain.strategies import make_strategy
     from hvdtrain.train import EXIT_PREEMPTED, NumericalError, Preempted, train
-    from hvdtrain.backends import make_backend
 
     try:
         cfg = load_config(args.config, overrides_from(args))
         stop = StopFlag()
-        backend = make_backend(cfg)
+        strategy = make_strategy(cfg)
     except ConfigError as exc:
         return _fail(str(exc), 0, 1, None, EXIT_USAGE)
+    backend = strategy.comm
     rank, size = backend.rank, backend.size
     try:
-        summary = train(cfg, backend, stop)
-    except ConfigError as exc:
-        return _fail(str(exc), rank, size, backend.abort, EXIT_USAGE)
+        summary = train(cfg, strategy, stop)
+    except ConfigError as exc:  # raised on every rank together (train agrees on errors first)
+        if rank == 0:
+            sys.stderr.write(f"hvdtrain: error: {exc}\n")
+        backend.shutdown()
+        return EXIT_USAGE
     except NumericalError as exc:  # every rank raises it together
         if rank == 0:
             sys.stderr.write(f"hvdtrain: error: {exc}\n")

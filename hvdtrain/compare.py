@@ -15,22 +15,14 @@ from typing import Any
 from hvdtrain import data as D
 from hvdtrain.checkpoint import atomic_write_text
 from hvdtrain.launch import horovodrun_cmd, mpirun_cmd, run
-
-
-@dataclass
-class Strategy:
-    label: str
-    launcher: str  # "horovodrun" | "mpirun"
-    flags: list[str]
+from hvdtrain.strategies import Variant as Strategy, variants
 
 
 def strategies(sync_every: list[int], alpha: float, allreduce: str) -> list[Strategy]:
-    out = [Strategy("horovod", "horovodrun", ["--backend", "horovod"])]
-    for k in sync_every:
-        out.append(Strategy(f"mpi k={k}" + (f" a={alpha:g}" if alpha != 1 else ""), "mpirun",
-                            ["--backend", "mpi", "--sync-every", str(k), "--alpha", str(alpha),
-                             "--mpi-allreduce", allreduce]))
-    return out
+    """The registry's strategies (hvdtrain.strategies.variants), the MPI fallback at each k."""
+    out = variants(sync_every, {"mpi": ["--alpha", str(alpha), "--mpi-allreduce", allreduce]})
+    return [s._replace(label=s.label + f" a={alpha:g}") if alpha != 1 and "--alpha" in s.flags else s
+            for s in out]
 
 
 def _slug(label: str) -> str:

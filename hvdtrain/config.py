@@ -1,28 +1,49 @@
-"""Typed run configuration: defaults < TOML file < command line, validated before any MPI call.
+"""Typed run configuration: defaults < TOML file < command line / `fit` keywords, validated before
+any MPI call.
 
-Every field has a docstring-style comment; `__post_init__` checks the values and raises
-`ConfigError` with a message that names the value, the rule and the fix.
+Each setting is defined once, here: a dataclass field and the docstring under it. The TOML key
+is `[section] field`; the CLI flag and the `fit` keyword are generated from the field (`SETTINGS`
+below; `--sync-every` / `sync_every=`), with a few short names (`--data`, `--model`,
+`--optimizer`, `--backend`). `__post_init__` checks the values and raises `ConfigError` with a
+message that names the value, the rule and the fix.
 """
 from __future__ import annotations
 
+import ast
 import dataclasses
+import inspect
+import json
 import math
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
+from hvdtrain.errors import ConfigError
+from hvdtrain.plugins import is_spec, nearest
 
-class ConfigError(ValueError):
-    """A user-facing configuration error; the CLI prints it on one line and exits 2."""
-
-
-BACKENDS = ("horovod", "mpi", "single")
-MODELS = ("net", "mlp")
-OPTIMIZERS = ("sgd", "adam")
 PARTITIONS = ("block", "random")
 DTYPES = ("float32", "float64")
 MPI_ALLREDUCES = ("native", "ring")
+LR_SCHEDULES = ("constant", "cosine")
+AMP_MODES = ("none", "bf16", "fp16")
+
+
+def _registered(kind: str) -> tuple[str, ...]:
+    """Built-in names of a registry (imported lazily: the registries live with their code)."""
+    if kind == "backend":
+        from hvdtrain.strategies import STRATEGIES
+        return tuple(STRATEGIES)
+    from hvdtrain import registry
+    return tuple({"model": registry.MODELS, "optimizer": registry.OPTIMIZERS, "loss": registry.LOSSES}[kind])
+
+
+def _check_name(kind: str, value: Any, flag: str) -> None:
+    """A registered name or MODULE:ATTR (resolved, with its own errors, when the run starts)."""
+    names = _registered(kind)
+    _check(isinstance(value, str) and (value in names or is_spec(value)),
+           f"{kind} {value!r} is unknown{nearest(str(value), names)}; use one of {', '.join(names)} "
+           f"or MODULE:ATTR with {flag}")
 
 
 def _check(ok: bool, message: str) -> None:
@@ -38,18 +59,26 @@ class DataConfig:
     """Rows to generate when `path` is a built-in name (ignored for a folder)."""
     partition: str = "block"
     """How samples are split across ranks: `block` (contiguous) or `random` (seeded)."""
+    num_workers: int = 0
+    """DataLoader worker processes per rank for a Dataset (0 = load in the training process)."""
+    pin_memory: bool = False
+    """DataLoader pin_memory for a Dataset (faster host-to-GPU copies)."""
 
     def __post_init__(self) -> None:
         _check(self.partition in PARTITIONS,
                f"partition {self.partition!r} is unknown; use one of {', '.join(PARTITIONS)}")
         _check(isinstance(self.rows, int) and self.rows >= 1,
                f"rows must be a positive integer, got {self.rows!r}; use --rows N with N >= 1")
+        _check(isinstance(self.num_workers, int) and self.num_workers >= 0,
+               f"num_workers must be >= 0, got {self.num_workers!r}; use 0 to load in the training process")
 
 
 @dataclass
 class ModelConfig:
     name: str = "net"
-    """`net` (Linear 10->20, ReLU, Linear 20->1; regression) or `mlp` (any task)."""
+    """`net` (10-20-1, regression), `mlp`, or MODULE:ATTR (an nn.Module class or a callable returning one)."""
+    args: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments for a MODULE:ATTR model (JSON on the command line, [model.args] in TOML)."""
     hidden: tuple[int, ...] = (256, 256)
     """Hidden layer widths of `mlp`."""
     dtype: str = "float32"
@@ -57,7 +86,9 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         self.hidden = tuple(self.hidden)
-        _check(self.name in MODELS, f"model {self.name!r} is unknown; use one of {', '.join(MODELS)}")
+        _check_name("model", self.name, "--model")
+        _check(isinstance(self.args, dict), f"model args must be a JSON object, got {self.args!r}; "
+                                            f"e.g. --model-args '{{\"num_classes\": 10}}'")
         _check(self.dtype in DTYPES, f"dtype {self.dtype!r} is unknown; use one of {', '.join(DTYPES)}")
         _check(all(isinstance(h, int) and h >= 1 for h in self.hidden) and self.hidden,
                f"hidden widths must be positive integers, got {self.hidden!r}; e.g. --hidden 256,256")
@@ -66,17 +97,28 @@ class ModelConfig:
 @dataclass
 class OptimConfig:
     name: str = "sgd"
-    """`sgd` or `adam`."""
+    """`sgd`, `adam`, `adamw`, or MODULE:ATTR (a torch Optimizer class, called with params and lr)."""
+    args: dict[str, Any] = field(default_factory=dict)
+    """More optimizer keyword arguments, e.g. {"weight_decay": 0.01} (JSON on the command line)."""
     lr: float = 0.01
     """Learning rate (per step, not scaled by world size unless `scale_lr`)."""
     momentum: float = 0.0
     """SGD momentum."""
     scale_lr: bool = False
     """Horovod only: multiply lr by world size (the usual rule when the global batch grows)."""
+    lr_schedule: str = "constant"
+    """`constant`, or `cosine`: linear warm-up over warmup_steps, then cosine decay to 0."""
+    warmup_steps: int = 0
+    """Steps of linear learning-rate warm-up from 0 (with any lr_schedule)."""
 
     def __post_init__(self) -> None:
-        _check(self.name in OPTIMIZERS,
-               f"optimizer {self.name!r} is unknown; use one of {', '.join(OPTIMIZERS)}")
+        _check_name("optimizer", self.name, "--optimizer")
+        _check(isinstance(self.args, dict), f"optimizer args must be a JSON object, got {self.args!r}; "
+                                            f"e.g. --optimizer-args '{{\"weight_decay\": 0.01}}'")
+        _check(self.lr_schedule in LR_SCHEDULES, f"lr_schedule {self.lr_schedule!r} is unknown; use one "
+                                                 f"of {', '.join(LR_SCHEDULES)}")
+        _check(isinstance(self.warmup_steps, int) and self.warmup_steps >= 0,
+               f"warmup_steps must be an integer >= 0, got {self.warmup_steps!r}; use e.g. --warmup-steps 100")
         _check(math.isfinite(self.lr) and self.lr > 0, f"lr must be > 0, got {self.lr!r}; use e.g. --lr 0.01")
         _check(math.isfinite(self.momentum) and 0 <= self.momentum < 1,
                f"momentum must be in [0, 1), got {self.momentum!r}; use e.g. --momentum 0.9")
@@ -85,7 +127,7 @@ class OptimConfig:
 @dataclass
 class SyncConfig:
     backend: str = "horovod"
-    """`horovod` (gradient ring-allreduce), `mpi` (parameter averaging) or `single`."""
+    """Sync strategy: `horovod` (gradient ring-allreduce), `mpi` (parameter averaging), `single`, or MODULE:ATTR."""
     sync_every: int = 1
     """MPI fallback: average parameters every k local steps."""
     alpha: float = 1.0
@@ -100,8 +142,7 @@ class SyncConfig:
     """Horovod: local gradient accumulation before each allreduce."""
 
     def __post_init__(self) -> None:
-        _check(self.backend in BACKENDS,
-               f"backend {self.backend!r} is unknown; use one of {', '.join(BACKENDS)}")
+        _check_name("backend", self.backend, "--backend")
         _check(isinstance(self.sync_every, int) and self.sync_every >= 1,
                f"sync_every must be an integer >= 1, got {self.sync_every!r}; use --sync-every 1")
         _check(math.isfinite(self.alpha) and 0 < self.alpha <= 1,
@@ -144,6 +185,10 @@ class TrainConfig:
     """torch intra-op threads per rank; 0 = cores on this host / ranks on this host."""
     collective_timeout: float = 300.0
     """End the job when one synchronisation waits longer than this many seconds (0 = never)."""
+    loss: str = "auto"
+    """`auto` (MSE for float targets, cross-entropy for integer labels), `mse`, `cross_entropy`, or MODULE:ATTR."""
+    amp: str = "none"
+    """Mixed precision: `none`, `bf16` (autocast, CPU and GPU) or `fp16` (GPU, with a GradScaler)."""
 
     def __post_init__(self) -> None:
         _check(isinstance(self.epochs, int) and self.epochs >= 1,
@@ -159,6 +204,11 @@ class TrainConfig:
         _check(bool(str(self.out)), "out must name a folder; use --out DIR")
         _check(math.isfinite(self.collective_timeout) and self.collective_timeout >= 0,
                f"collective_timeout must be >= 0 seconds, got {self.collective_timeout!r}; use 0 to disable")
+        _check(isinstance(self.seed, int) and self.seed >= 0,
+               f"seed must be an integer >= 0, got {self.seed!r}; use e.g. --seed 0")
+        if self.loss != "auto":
+            _check_name("loss", self.loss, "--loss")
+        _check(self.amp in AMP_MODES, f"amp {self.amp!r} is unknown; use one of {', '.join(AMP_MODES)}")
 
 
 SECTIONS = {"data": DataConfig, "model": ModelConfig, "optim": OptimConfig, "sync": SyncConfig}
@@ -174,6 +224,8 @@ def _kind_error(value: Any, default: Any) -> str | None:
         return None if isinstance(value, (int, float)) and not isinstance(value, bool) else "a number"
     if isinstance(default, str):
         return None if isinstance(value, str) else "a string"
+    if isinstance(default, dict):
+        return None if isinstance(value, dict) else "a table (JSON object)"
     if isinstance(default, tuple) or (default is None and value is not None):
         ok = isinstance(value, (list, tuple)) and all(
             isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
@@ -185,14 +237,16 @@ def _build(cls: type, values: dict[str, Any], where: str) -> Any:
     known = {f.name: f for f in fields(cls)}
     unknown = sorted(set(values) - set(known))
     if unknown:
-        raise ConfigError(f"unknown config key {where}{unknown[0]}; known keys: {', '.join(sorted(known))}")
+        raise ConfigError(f"unknown config key {where}{unknown[0]}{nearest(unknown[0], known)}; known keys: "
+                          f"{', '.join(sorted(known))}")
     for key, value in values.items():
         f = known[key]
-        if f.default is not dataclasses.MISSING or f.name in ("hidden",):
-            default = f.default if f.default is not dataclasses.MISSING else ()
-            kind = _kind_error(value, default)
-            if kind and not isinstance(value, dict):
-                raise ConfigError(f"config key {where}{key} must be {kind}, got {value!r}; fix its value")
+        if f.name in SECTIONS and cls is TrainConfig:
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        kind = _kind_error(value, default)
+        if kind:
+            raise ConfigError(f"config key {where}{key} must be {kind}, got {value!r}; fix its value")
     try:
         return cls(**values)
     except TypeError as exc:  # wrong type in a TOML value, e.g. a list where a number belongs
@@ -226,3 +280,76 @@ def load_config(path: str | None = None, overrides: dict[str, dict[str, Any] | A
 
 def to_dict(cfg: TrainConfig) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
+
+
+# --- one definition per setting: CLI flags and fit keywords generated from the fields ----------
+
+#: The few settings whose flag is shorter than section + field.
+SHORT_FLAGS = {("data", "path"): "--data", ("model", "name"): "--model", ("model", "args"): "--model-args",
+               ("optim", "name"): "--optimizer", ("optim", "args"): "--optimizer-args",
+               ("sync", "backend"): "--backend"}
+
+
+class Setting(NamedTuple):
+    section: str | None  # None: a top-level TrainConfig field
+    key: str
+    flag: str            # --sync-every
+    kwarg: str           # sync_every (hvdtrain.fit keyword)
+    kind: str            # bool, int, float, str, ints, floats, json
+    help: str
+
+
+def _docstrings(cls: type) -> dict[str, str]:
+    """The string literal under each field of a dataclass (the field's one documentation)."""
+    tree = ast.parse(inspect.getsource(cls))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs: dict[str, str] = {}
+    for node, nxt in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+            docs[node.target.id] = " ".join(str(nxt.value.value).split())  # type: ignore[attr-defined]
+    return docs
+
+
+def _kind(annotation: str) -> str:
+    return {"bool": "bool", "int": "int", "float": "float", "str": "str", "tuple[int, ...]": "ints",
+            "tuple[float, ...] | None": "floats", "dict[str, Any]": "json"}[annotation]
+
+
+def _settings() -> list[Setting]:
+    out = []
+    for section, cls in [(None, TrainConfig), *SECTIONS.items()]:
+        docs = _docstrings(cls)
+        for f in fields(cls):
+            if section is None and f.name in SECTIONS:
+                continue
+            flag = SHORT_FLAGS.get((section or "", f.name), "--" + f.name.replace("_", "-"))
+            out.append(Setting(section, f.name, flag, flag[2:].replace("-", "_"), _kind(str(f.type)),
+                               docs.get(f.name, "")))
+    return out
+
+
+SETTINGS: list[Setting] = _settings()
+BY_KWARG: dict[str, Setting] = {s.kwarg: s for s in SETTINGS}
+
+
+def overrides_from_kwargs(values: dict[str, Any], where: str = "setting") -> dict[str, Any]:
+    """Flat `fit`-style keywords (sync_every=4) -> the nested shape of the TOML file."""
+    out: dict[str, Any] = {}
+    for name, value in values.items():
+        if name not in BY_KWARG:
+            raise ConfigError(f"unknown {where} {name!r}{nearest(name, BY_KWARG)}; valid ones: "
+                              f"{', '.join(sorted(BY_KWARG))}")
+        s = BY_KWARG[name]
+        (out.setdefault(s.section, {}) if s.section else out)[s.key] = value
+    return out
+
+
+def parse_json_object(text: str) -> dict[str, Any]:
+    """A --model-args / --optimizer-args value: a JSON object."""
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise ValueError(f"{text!r} is not valid JSON ({exc.args[0].split(':')[0]})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{text!r} is not a JSON object; write it as '{{\"name\": value}}'")
+    return value

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hvdtrain.config import ConfigError
+from hvdtrain.errors import ConfigError
 
 BUILTINS = ("regression", "digits")
 REGRESSION_FEATURES = 10
@@ -144,8 +144,9 @@ def describe(folder: str | Path) -> DataInfo:
 
 
 def load_block(folder: str | Path, indices: np.ndarray, prefix: str = "",
-               dtype: str = "float32") -> tuple[np.ndarray, np.ndarray]:
-    """Copy only `indices` rows out of the memory-mapped arrays (a slice when contiguous)."""
+               dtype: str = "float32", n_classes: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Copy only `indices` rows out of the memory-mapped arrays (a slice when contiguous); with
+    `n_classes`, check the labels lie in [0, n_classes)."""
     folder = Path(folder)
     X, y = _open(folder, prefix + "X.npy"), _open(folder, prefix + "y.npy")
     if len(indices) and indices[-1] - indices[0] + 1 == len(indices):
@@ -155,6 +156,10 @@ def load_block(folder: str | Path, indices: np.ndarray, prefix: str = "",
         xb, yb = np.asarray(X[indices], dtype=dtype), np.asarray(y[indices])
     if not np.isfinite(xb).all() or (yb.dtype.kind == "f" and not np.isfinite(yb).all()):
         raise ConfigError(f"data in {str(folder)!r} contains NaN or Inf in this rank's block; clean the data")
+    if n_classes and len(yb) and (yb.min() < 0 or yb.max() >= n_classes):
+        bad = int(yb.min()) if yb.min() < 0 else int(yb.max())
+        raise ConfigError(f"data file {str(folder / (prefix + 'y.npy'))!r} has class label {bad}, outside "
+                          f"[0, {n_classes}) of meta.json's n_classes; fix the labels or n_classes")
     if yb.dtype.kind == "f":
         yb = yb.astype(dtype).reshape(len(yb), -1)
     else:

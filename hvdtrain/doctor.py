@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from hvdtrain import __version__
-from hvdtrain.config import ConfigError
+from hvdtrain.errors import ConfigError
 from hvdtrain.launch import TIMEOUT_EXIT, horovodrun_cmd, launcher_env, mpirun_cmd, run
 from hvdtrain.layout import detect_layout
 

@@ -6,7 +6,7 @@ import threading
 import time
 from typing import Any, Callable
 
-from hvdtrain.config import ConfigError
+from hvdtrain.errors import ConfigError
 
 
 def disagreements(records: list[dict[str, Any]]) -> list[str]:

@@ -20,7 +20,7 @@ def launcher_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     """The environment for mpirun/horovodrun: root allowed (containers, CI), venv first on PATH."""
     env = dict(os.environ)
     # torch reads this once, at its first allocation: huge pages for big buffers make MPI's
-    # shared-memory copies ~1.5x faster here (measurements in backends/allreduce_impls.py).
+    # shared-memory copies ~1.5x faster here (measurements in comm/allreduce_impls.py).
     env.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     if os.geteuid() == 0:
         env.setdefault("OMPI_ALLOW_RUN_AS_ROOT", "1")

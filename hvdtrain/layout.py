@@ -36,7 +36,7 @@ import re
 from dataclasses import dataclass
 from typing import Callable, Mapping
 
-from hvdtrain.config import ConfigError
+from hvdtrain.errors import ConfigError
 
 LAUNCHERS = ("horovodrun-gloo", "mpirun", "srun", "pmi", "pmix", "none")
 

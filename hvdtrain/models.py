@@ -1,10 +1,9 @@
-"""Models and losses. They know nothing of ranks."""
+"""Built-in models (registered in hvdtrain.registry). They know nothing of ranks."""
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from hvdtrain.config import ConfigError, ModelConfig
 
 
 class Net(nn.Module):
@@ -34,18 +33,3 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.layers(x)
-
-
-def build_model(cfg: ModelConfig, n_features: int, n_outputs: int, task: str) -> nn.Module:
-    if cfg.name == "net":
-        if task != "regression":
-            raise ConfigError(f"model 'net' is for regression but the data is {task}; use --model mlp")
-        model: nn.Module = Net(n_features, n_outputs)
-    else:
-        model = MLP(n_features, n_outputs, cfg.hidden)
-    return model.to(getattr(torch, cfg.dtype))
-
-
-def loss_function(task: str) -> nn.Module:
-    """Mean loss over the batch: MSE for regression, cross-entropy for classification."""
-    return nn.MSELoss() if task == "regression" else nn.CrossEntropyLoss()

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from hvdtrain.backends.allreduce_impls import DEFAULT_IMPLS, horovod_env_defaults
+from hvdtrain.comm.allreduce_impls import DEFAULT_IMPLS, horovod_env_defaults
 from hvdtrain.bench_allreduce import byte_sizes, iterations, make_row
 
 ROOT = Path(__file__).resolve().parents[1]

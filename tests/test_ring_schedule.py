@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from hvdtrain.backends.ring import (RingStep, as_flat_array, chunk_bounds, chunk_elems_for,
+from hvdtrain.comm.ring import (RingStep, as_flat_array, chunk_bounds, chunk_elems_for,
                                     ring_schedule, ring_step, segment_bounds)
 
 SIZES = [1, 2, 3, 4, 5, 7, 8]

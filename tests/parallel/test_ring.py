@@ -18,7 +18,7 @@ if "HOROVOD_GLOO_RENDEZVOUS_ADDR" in os.environ:  # horovodrun --gloo: no MPI wo
 MPI = pytest.importorskip("mpi4py.MPI")
 torch = pytest.importorskip("torch")
 
-from hvdtrain.backends.ring import ring_allreduce_  # noqa: E402  (after the skips above)
+from hvdtrain.comm.ring import ring_allreduce_  # noqa: E402  (after the skips above)
 
 COMM = MPI.COMM_WORLD
 SIZE = COMM.Get_size()

@@ -9,9 +9,9 @@ import torch
 
 from conftest import UNDER_MPI, requires_mpi
 from hvdtrain import data as D
-from hvdtrain.backends import make_backend
-from hvdtrain.config import ModelConfig, load_config
-from hvdtrain.models import build_model
+from hvdtrain.strategies import make_strategy
+from hvdtrain.config import load_config
+from hvdtrain.models import Net
 from hvdtrain.train import Preempted, train
 
 BACKENDS = ["horovod", "mpi"] if UNDER_MPI else ["horovod"]
@@ -36,8 +36,7 @@ def make_data(hvd, folder: Path, name: str = "regression", rows: int = 0) -> Pat
 
 
 def run(hvd, cfg, **kw):
-    backend = make_backend(cfg)
-    summary = train(cfg, backend, **kw)
+    summary = train(cfg, make_strategy(cfg), **kw)
     barrier(hvd)
     params = torch.load(Path(cfg.out) / "model.pt", weights_only=True)
     return summary, params
@@ -58,7 +57,7 @@ def reference_sgd(folder: Path, size: int, batch: int, epochs: int, lr: float, s
     blocks = [D.load_block(folder, D.partition(info.n_train, r, size, "block", seed), dtype="float64")
               for r in range(size)]
     torch.manual_seed(seed)
-    model = build_model(ModelConfig(dtype="float64"), info.n_features, info.n_outputs, info.task)
+    model = Net(info.n_features, info.n_outputs).double()
     opt = torch.optim.SGD(model.parameters(), lr=lr)
     steps = D.steps_per_epoch(D.block_sizes(info.n_train, size), batch)
     for epoch in range(epochs):
@@ -102,9 +101,9 @@ def test_equivalence_mpi_k1_equals_horovod(hvd, shared_dir):
 @pytest.mark.parametrize("backend_name", BACKENDS)
 def test_replicas_identical_after_every_sync(hvd, backend_name):
     cfg = load_config(None, {"sync": {"backend": backend_name, "sync_every": 3}, "seed": 1})
-    backend = make_backend(cfg)
+    backend = make_strategy(cfg)
     torch.manual_seed(0)
-    model = build_model(cfg.model, 10, 1, "regression")
+    model = Net(10, 1)
     opt = backend.attach(model, torch.optim.SGD(model.parameters(), lr=0.1),
                          D.averaging_weights([1] * backend.size))
     backend.broadcast_state(model, opt)
@@ -115,11 +114,11 @@ def test_replicas_identical_after_every_sync(hvd, backend_name):
                                      torch.randn(16, 1, generator=gen)).backward()
         backend.step(opt)
         synced = backend.after_step(step, model) or backend.replicas_identical
-        copies = backend.allgather_object(torch.nn.utils.parameters_to_vector(model.parameters()).detach())
+        copies = backend.comm.allgather_object(torch.nn.utils.parameters_to_vector(model.parameters()).detach())
         same = all(torch.equal(c, copies[0]) for c in copies)
         assert same == (synced or backend.size == 1), f"step {step}: synced={synced} identical={same}"
     backend.finish(model, 7)
-    copies = backend.allgather_object(torch.nn.utils.parameters_to_vector(model.parameters()).detach())
+    copies = backend.comm.allgather_object(torch.nn.utils.parameters_to_vector(model.parameters()).detach())
     assert all(torch.equal(c, copies[0]) for c in copies)
 
 
@@ -127,7 +126,7 @@ def test_replicas_identical_after_every_sync(hvd, backend_name):
 @pytest.mark.parametrize("allreduce", ["native", "ring"])
 @pytest.mark.parametrize("alpha", [1.0, 0.5])
 def test_weighted_average_with_uneven_blocks(comm, alpha, allreduce):
-    from hvdtrain.backends.mpi import FlatAverager
+    from hvdtrain.strategies.mpi_average import FlatAverager
     size, rank = comm.size, comm.rank
     weights = D.averaging_weights(D.block_sizes(10 * size + 1, size))  # rank 0 has one more row
     value = lambda r: torch.arange(5, dtype=torch.float64) * (r + 1) + 10 * r  # noqa: E731
@@ -171,7 +170,7 @@ def test_resume_is_exact(hvd, shared_dir, backend_name):
 
     cfg = config(shared_dir / "resumed", **common)
     with pytest.raises(Preempted) as stopped:
-        train(cfg, make_backend(cfg), stop_after_two_windows)
+        train(cfg, make_strategy(cfg), stop_after_two_windows)
     assert stopped.value.step == 8
     summary, resumed = run(hvd, config(shared_dir / "resumed", resume=True, **common))
     for name in straight:

@@ -8,7 +8,7 @@ import sys
 import time
 
 from hvdtrain import cli
-from hvdtrain.backends import base
+from hvdtrain.strategies import base
 
 mode, fault_rank, fault_step = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 argv = sys.argv[sys.argv.index("--") + 1:]
@@ -28,10 +28,10 @@ def inject(original):
     return after_step
 
 
-classes = [base.Backend]
+classes = [base.SyncStrategy]
 if "--backend" in argv and argv[argv.index("--backend") + 1] == "mpi":
-    from hvdtrain.backends.mpi import MPIBackend
-    classes.append(MPIBackend)
+    from hvdtrain.strategies.mpi_average import MPIAverage
+    classes.append(MPIAverage)
 for cls in classes:
     if "after_step" in cls.__dict__:
         cls.after_step = inject(cls.__dict__["after_step"])

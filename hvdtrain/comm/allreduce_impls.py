@@ -24,7 +24,7 @@ IMPLS: dict[str, str] = {
     "mpi4py": "mpirun",          # raw comm.Allreduce(IN_PLACE, SUM): the reference
     "mpi4py-tuned": "mpirun",    # the same under hvdtrain's rank environment
     "hvdtrain-mpi": "mpirun",    # FlatAverager.sync(), the MPI fallback's averaging step
-    "hvdtrain-ring": "mpirun",   # hvdtrain's own chunked ring (backends/ring.py)
+    "hvdtrain-ring": "mpirun",   # hvdtrain's own chunked ring (comm/ring.py)
     "horovod-mpi": "mpirun",     # hvd.allreduce_ with hvdtrain's Horovod settings
     "horovod-gloo": "horovodrun",  # the same under `horovodrun --gloo`
     "torch-gloo": "mpirun",      # torch.distributed all_reduce, gloo over 127.0.0.1
@@ -128,7 +128,7 @@ def _open_mpi(name: str, chunk_bytes: int) -> BenchGroup:
         if name == "hvdtrain-mpi":
             import torch
 
-            from hvdtrain.backends.mpi import FlatAverager
+            from hvdtrain.strategies.mpi_average import FlatAverager
             from hvdtrain.config import SyncConfig
             # As training uses it: equal weights 1/N, full averaging (alpha = 1), the
             # configured default allreduce.
@@ -137,7 +137,7 @@ def _open_mpi(name: str, chunk_bytes: int) -> BenchGroup:
                                 SyncConfig().mpi_allreduce).sync
         buf = _floats(nbytes)
         if name == "hvdtrain-ring":
-            from hvdtrain.backends.ring import ring_allreduce_
+            from hvdtrain.comm.ring import ring_allreduce_
 
             def ring() -> None:
                 ring_allreduce_(comm, buf, chunk_bytes)

@@ -4,19 +4,15 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-import torch
 
-from hvdtrain.backends.base import Backend
+from hvdtrain.comm.base import Comm
 
 
-class SingleBackend(Backend):
-    name = "single"
+class SingleComm(Comm):
+    kind = "single"
 
     def __init__(self) -> None:
         super().__init__(rank=0, size=1, local_rank=0, local_size=1)
-
-    def broadcast_state(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        pass
 
     def allreduce_sum(self, values: np.ndarray) -> np.ndarray:
         return np.asarray(values, dtype=np.float64).copy()

@@ -1,8 +1,9 @@
-"""MPI fallback: broadcast from rank 0, local steps, weighted parameter averaging every k steps.
+"""`mpi`: the MPI fallback. Broadcast from rank 0, local steps, weighted parameter averaging every k.
 
 The averaging rule (DESIGN.md): theta_i <- theta_i + alpha (sum_j w_j theta_j - theta_i), done
 as one in-place SUM allreduce of a flat buffer that each rank pre-scales by its own w_i.
-This is the only module (with ring.py) that imports mpi4py.
+Floating-point buffers (BatchNorm statistics) live in the same flat buffer, so they are averaged
+with the same weights at every sync.
 """
 from __future__ import annotations
 
@@ -13,8 +14,7 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
-from hvdtrain.backends.base import Backend, ring_bytes
-from hvdtrain.config import SyncConfig
+from hvdtrain.strategies.base import SyncStrategy, float_buffers, ring_bytes
 
 
 class FlatAverager:
@@ -48,7 +48,7 @@ class FlatAverager:
     def _weighted_sum(self) -> None:
         """host <- sum_j w_j host_j: the ring folds w_i into its first send; MPI needs a pass."""
         if self.allreduce == "ring":
-            from hvdtrain.backends.ring import ring_allreduce_
+            from hvdtrain.comm.ring import ring_allreduce_
             ring_allreduce_(self.comm, self.host, scale=self.weight)
             return
         if self.weight != 1.0:
@@ -77,28 +77,21 @@ class FlatAverager:
             self.flat.copy_(torch.from_numpy(self.host))
 
 
-class MPIBackend(Backend):
+class MPIAverage(SyncStrategy):
     name = "mpi"
+    comm_kind = "mpi"
     replicas_identical = False  # between syncs, and always for optimizer state
-
-    def __init__(self, sync: SyncConfig) -> None:
-        self.comm = MPI.COMM_WORLD
-        local = self.comm.Split_type(MPI.COMM_TYPE_SHARED, key=self.comm.rank)
-        super().__init__(self.comm.rank, self.comm.size, local.rank, local.size)
-        local.Free()
-        self.sync_cfg = sync
-        self.averager: FlatAverager | None = None
-        self._last_sync = 0
 
     def attach(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                weights: list[float]) -> torch.optim.Optimizer:
-        params = [p for p in model.parameters()]
-        self.averager = FlatAverager(self.comm, params, weights[self.rank], self.sync_cfg.alpha,
+        params = list(model.parameters())
+        params += [b for b in float_buffers(model) if b.dtype == params[0].dtype]
+        self.averager = FlatAverager(self.comm.mpi, params, weights[self.rank], self.sync_cfg.alpha,
                                      self.sync_cfg.mpi_allreduce)
+        self._last_sync = 0
         return optimizer
 
     def _sync(self) -> None:
-        assert self.averager is not None
         start = time.perf_counter()
         self.averager.sync()
         self.comm_seconds += time.perf_counter() - start
@@ -117,30 +110,10 @@ class MPIBackend(Backend):
             self._last_sync = step
 
     def broadcast_state(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        assert self.averager is not None, "attach() before broadcast_state()"
         self.averager.broadcast(0)
-        for name, buf in model.named_buffers():  # e.g. batch-norm statistics
-            buf.copy_(self.comm.bcast(buf.detach().cpu() if self.rank == 0 else None, root=0))
-        state = self.comm.bcast(optimizer.state_dict() if self.rank == 0 else None, root=0)
+        mpi = self.comm.mpi
+        for buf in model.buffers():  # buffers outside the flat buffer, e.g. BatchNorm's step count
+            buf.copy_(mpi.bcast(buf.detach().cpu() if self.rank == 0 else None, root=0))
+        state = mpi.bcast(optimizer.state_dict() if self.rank == 0 else None, root=0)
         if self.rank != 0:
             optimizer.load_state_dict(state)
-
-    def allreduce_sum(self, values: np.ndarray) -> np.ndarray:
-        buf = np.array(values, dtype=np.float64)
-        self.comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
-        return buf
-
-    def broadcast_object(self, obj: Any, root: int = 0) -> Any:
-        return self.comm.bcast(obj, root=root)
-
-    def allgather_object(self, obj: Any) -> list[Any]:
-        return self.comm.allgather(obj)
-
-    def gather_object(self, obj: Any, root: int = 0) -> list[Any] | None:
-        return self.comm.gather(obj, root=root)
-
-    def barrier(self) -> None:
-        self.comm.Barrier()
-
-    def abort(self, code: int) -> None:
-        self.comm.Abort(code)

@@ -1,0 +1,65 @@
+"""`hvdtrain.fit`: train the user's own model on the user's own data, inside a script started by
+horovodrun, mpirun, srun or plain `python` (one process)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+from hvdtrain.config import load_config, overrides_from_kwargs
+from hvdtrain.errors import ConfigError
+from hvdtrain.layout import detect_layout
+from hvdtrain.registry import Job
+
+
+def fit(model: Any, train_data: Any, eval_data: Any = None, *, loss: Any = None, optimizer: Any = None,
+        scheduler: Callable[[Any], Any] | None = None, config: str | None = None,
+        **settings: Any) -> dict[str, Any] | None:
+    """Train `model` data-parallel on every rank of the job; returns the summary on rank 0, None elsewhere.
+
+    model       an nn.Module built the same way on every rank (rank 0's parameters and buffers are
+                broadcast at the start), or a zero-argument callable returning one. Afterwards it
+                holds the final, synchronised state on every rank.
+    train_data  a map-style Dataset (a rank calls __getitem__ only for its own block's indices),
+                an (X, y) pair of arrays/tensors, or a data folder / built-in name.
+    eval_data   the same kinds, or None: held-out loss (and accuracy) over every rank's share.
+    loss        a callable (output, target) -> scalar, or 'mse' / 'cross_entropy'; default by task.
+    optimizer   a callable params -> Optimizer (e.g. functools.partial(torch.optim.AdamW, lr=3e-4))
+                or a name ('sgd', 'adam', 'adamw', used with `lr=`).
+    scheduler   a callable optimizer -> LRScheduler, stepped once per step (or lr_schedule='cosine').
+    config      a TOML file, as `hvdtrain train --config`; keyword settings override it.
+    **settings  any run setting by its keyword (backend, epochs, batch_size, sync_every, alpha,
+                weights, out, resume, seed, ...: `hvdtrain train --help` lists them, `--sync-every`
+                is `sync_every=`). Default backend: horovod when a launcher started the process,
+                single otherwise.
+
+    Raises ConfigError (a ValueError) on every rank for bad settings, models or data.
+    """
+    from hvdtrain.strategies import make_strategy
+    from hvdtrain.train import train
+
+    overrides = overrides_from_kwargs(settings, "fit() setting")
+    if isinstance(loss, str):
+        overrides["loss"], loss = loss, None
+    if isinstance(optimizer, str):
+        overrides.setdefault("optim", {})["name"], optimizer = optimizer, None
+    if isinstance(train_data, (str, Path)):
+        overrides.setdefault("data", {})["path"], train_data = str(train_data), None
+    if "backend" not in settings and not (config and _toml_sets_backend(config)):
+        launched = detect_layout(os.environ).launcher != "none"
+        overrides.setdefault("sync", {})["backend"] = "horovod" if launched else "single"
+    if model is None:
+        raise ConfigError("fit() needs a model: an nn.Module or a zero-argument callable returning one")
+    cfg = load_config(config, overrides)
+    strategy = make_strategy(cfg)
+    job = Job(model=model, train_data=train_data, eval_data=eval_data, loss=loss, optimizer=optimizer,
+              scheduler=scheduler)
+    return train(cfg, strategy, job=job)
+
+
+def _toml_sets_backend(path: str) -> bool:
+    import tomllib
+    try:
+        return "backend" in tomllib.loads(Path(path).read_text()).get("sync", {})
+    except (OSError, ValueError, AttributeError):
+        return False  # load_config reports the problem with its own message

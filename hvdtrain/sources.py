@@ -1,0 +1,238 @@
+"""This rank's data, whatever the source: a data folder (memory-mapped .npy), an (X, y) pair of
+arrays, or a user's map-style Dataset. Every source is cut with the same pure `partition`, and a
+rank touches only its own block: it copies its rows of a folder or array, and it calls a
+Dataset's `__getitem__` only for its own indices (through a DataLoader, so `num_workers` and
+`pin_memory` apply to data sets that read from disk).
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from hvdtrain import data as D
+from hvdtrain.comm.base import Comm
+from hvdtrain.config import TrainConfig
+from hvdtrain.errors import ConfigError
+from hvdtrain.plugins import call_plugin, describe_error, is_spec, load_attr
+from hvdtrain.registry import DataShape, Job
+
+Batch = tuple[Any, Any]
+
+
+class Block(ABC):
+    """One rank's share of a split; `n` samples, read by position 0..n-1."""
+    n: int
+
+    @abstractmethod
+    def batches(self, order: np.ndarray, batch: int, partial: bool = False) -> Iterator[Batch]:
+        """Batches of `batch` samples in `order` (positions in this block); the last short batch only
+        when `partial`."""
+
+
+class TensorBlock(Block):
+    """Rows already in memory (a folder's block or an array pair's): the fast path, no DataLoader."""
+
+    def __init__(self, X: torch.Tensor, y: torch.Tensor, device: torch.device) -> None:
+        self.X, self.y, self.n = X.to(device), y.to(device), len(X)
+
+    def batches(self, order: np.ndarray, batch: int, partial: bool = False) -> Iterator[Batch]:
+        idx = torch.from_numpy(np.ascontiguousarray(order)).to(self.X.device)
+        stop = len(idx) if partial else len(idx) - len(idx) % batch
+        for start in range(0, stop, batch):
+            i = idx[start:start + batch]
+            yield self.X[i], self.y[i]
+
+
+class DatasetBlock(Block):
+    """A user Dataset seen through this rank's global `indices` only."""
+
+    def __init__(self, dataset: Any, indices: np.ndarray, cfg: TrainConfig, device: torch.device) -> None:
+        self.dataset, self.indices, self.n = dataset, indices, len(indices)
+        self.workers, self.pin = cfg.data.num_workers, cfg.data.pin_memory and device.type == "cuda"
+        self.device, self.dtype = device, getattr(torch, cfg.model.dtype)
+
+    def batches(self, order: np.ndarray, batch: int, partial: bool = False) -> Iterator[Batch]:
+        sampler = self.indices[order].tolist()  # hvdtrain: only this rank's indices are ever read
+        loader = torch.utils.data.DataLoader(self.dataset, batch_size=batch, sampler=sampler,
+                                             num_workers=self.workers, pin_memory=self.pin,
+                                             drop_last=not partial,
+                                             # its own generator: creating the loader draws no number
+                                             # from the global RNG, so a resumed run stays exact
+                                             generator=torch.Generator().manual_seed(len(order)))
+        for x, y in loader:
+            yield _to(x, self.device, self.dtype), _to(y, self.device, None)
+
+
+def _to(t: Any, device: torch.device, dtype: torch.dtype | None) -> Any:
+    if not isinstance(t, torch.Tensor):
+        return t
+    if dtype is not None and t.is_floating_point() and t.dtype != dtype:
+        t = t.to(dtype)
+    return t.to(device, non_blocking=True)
+
+
+@dataclass
+class RankData:
+    train: Block
+    eval: Block | None
+    shape: DataShape
+    sizes: list[int]          # every rank's training block size (for steps and weights)
+    source: str               # names the data in messages and the summary
+    record: dict[str, Any]    # what every rank must agree on
+
+
+def _is_dataset(obj: Any) -> bool:
+    return hasattr(obj, "__getitem__") and hasattr(obj, "__len__") and not isinstance(
+        obj, (tuple, list, dict, str, np.ndarray, torch.Tensor))
+
+
+def _is_array(obj: Any) -> bool:
+    return isinstance(obj, (np.ndarray, torch.Tensor))
+
+
+def _split(found: Any, spec: str) -> tuple[Any, Any]:
+    """What a --data MODULE:ATTR factory returned -> (train, eval)."""
+    if _is_dataset(found):
+        return found, None
+    if isinstance(found, (tuple, list)) and len(found) == 2:
+        if all(_is_array(f) for f in found):
+            return tuple(found), None
+        if all(f is None or _is_dataset(f) or _is_pair(f) for f in found) and found[0] is not None:
+            return found[0], found[1]
+    raise ConfigError(f"--data {spec} returned {type(found).__name__}; return a Dataset, a (train, eval) "
+                      f"pair of Datasets, or an (X, y) pair of arrays")
+
+
+def _is_pair(obj: Any) -> bool:
+    return isinstance(obj, (tuple, list)) and len(obj) == 2 and all(_is_array(o) for o in obj)
+
+
+def open_data(cfg: TrainConfig, job: Job, comm: Comm, device: torch.device) -> RankData:
+    """Resolve the training and eval data and cut out this rank's blocks."""
+    train, evald = job.train_data, job.eval_data
+    if train is None or isinstance(train, (str, Path)):
+        spec = str(train if train is not None else cfg.data.path)
+        if is_spec(spec):
+            train, found_eval = _split(call_plugin(spec, "--data", load_attr(spec, "--data")), spec)
+            evald = evald if evald is not None else found_eval
+            source = spec
+        else:
+            return _open_folder(cfg, spec, comm, device)
+    else:
+        source = type(train).__name__
+    return _open_objects(cfg, train, evald, source, comm, device)
+
+
+def resolve_folder(cfg: TrainConfig, path: str, comm: Comm) -> Path:
+    """A folder, or a built-in set that rank 0 writes inside --out before the others read it."""
+    if path not in D.BUILTINS:
+        return Path(path)
+    folder = D.builtin_folder(cfg.out, path, cfg.data.rows, cfg.seed)
+    error = None
+    if comm.rank == 0 and not (folder / "meta.json").is_file():
+        try:
+            D.make_dataset(path, folder, cfg.data.rows, cfg.seed)
+        except ConfigError as exc:
+            error = str(exc)
+    error = comm.broadcast_object(error)  # hvdtrain: the others wait for rank 0's file
+    if error:
+        raise ConfigError(error)
+    return folder
+
+
+def _open_folder(cfg: TrainConfig, path: str, comm: Comm, device: torch.device) -> RankData:
+    folder = resolve_folder(cfg, path, comm)
+    info = D.describe(folder)
+    rank, size = comm.rank, comm.size
+    X, y = D.load_block(folder, D.partition(info.n_train, rank, size, cfg.data.partition, cfg.seed),
+                        dtype=cfg.model.dtype, n_classes=info.n_outputs if info.task == "classification" else 0)
+    eX, ey = D.load_block(folder, np.arange(*D.block_bounds(info.n_eval, rank, size)), prefix="eval_",
+                          dtype=cfg.model.dtype, n_classes=info.n_outputs if info.task == "classification" else 0)
+    shape = DataShape(info.task, info.n_features, info.n_outputs)
+    return RankData(TensorBlock(torch.from_numpy(X), torch.from_numpy(y), device),
+                    TensorBlock(torch.from_numpy(eX), torch.from_numpy(ey), device) if len(eX) else None,
+                    shape, D.block_sizes(info.n_train, size), str(folder),
+                    {"task": info.task, "train_rows": info.n_train, "eval_rows": info.n_eval,
+                     "features": info.n_features, "outputs": info.n_outputs})
+
+
+def _array_block(pair: Any, indices: np.ndarray, dtype: str, device: torch.device, what: str) -> TensorBlock:
+    X, y = (torch.as_tensor(np.asarray(a)) if not isinstance(a, torch.Tensor) else a for a in pair)
+    if len(X) != len(y):
+        raise ConfigError(f"{what}: X has {len(X)} rows but y has {len(y)}; give one target per sample")
+    idx = torch.from_numpy(indices)
+    xb, yb = X[idx], y[idx]
+    if xb.is_floating_point():
+        xb = xb.to(getattr(torch, dtype))
+    yb = yb.to(getattr(torch, dtype)) if yb.is_floating_point() else yb.long()
+    return TensorBlock(xb, yb, device)
+
+
+def _make_block(obj: Any, indices: np.ndarray, cfg: TrainConfig, device: torch.device, what: str) -> Block:
+    if _is_pair(obj):
+        return _array_block(obj, indices, cfg.model.dtype, device, what)
+    return DatasetBlock(obj, indices, cfg, device)
+
+
+def _length(obj: Any, what: str) -> int:
+    if _is_pair(obj):
+        return len(obj[0])
+    if not _is_dataset(obj):
+        raise ConfigError(f"{what} is a {type(obj).__name__}; pass a map-style torch Dataset, an (X, y) "
+                          f"pair of arrays, or a data folder")
+    try:
+        return len(obj)
+    except Exception as exc:
+        raise ConfigError(f"{what}: len() raised {describe_error(exc)}; a map-style Dataset needs __len__") from None
+
+
+def _sample(obj: Any, index: int, what: str) -> tuple[Any, Any]:
+    """One (input, target) of the source, at an index this rank owns."""
+    if _is_pair(obj):
+        return obj[0][index], obj[1][index]
+    try:
+        item = obj[index]
+    except Exception as exc:
+        raise ConfigError(f"{what}[{index}] raised {describe_error(exc)}; fix the Dataset's __getitem__") from None
+    if not isinstance(item, (tuple, list)) or len(item) != 2:
+        raise ConfigError(f"{what}[{index}] returned {type(item).__name__}; a sample must be an "
+                          f"(input, target) pair")
+    return item[0], item[1]
+
+
+def _shape_of(train: Any, x: Any, y: Any) -> DataShape:
+    yt = torch.as_tensor(np.asarray(y)) if not isinstance(y, torch.Tensor) else y
+    xt = torch.as_tensor(np.asarray(x)) if not isinstance(x, torch.Tensor) else x
+    if yt.is_floating_point():
+        return DataShape("regression", int(xt.numel()), int(max(1, yt.numel())))
+    if _is_pair(train):
+        labels = torch.as_tensor(np.asarray(train[1]))
+        return DataShape("classification", int(xt.numel()), int(labels.max()) + 1)
+    classes = getattr(train, "num_classes", None)
+    if classes is None and hasattr(train, "classes"):
+        classes = len(train.classes)
+    return DataShape("classification", int(xt.numel()), int(classes) if classes else None)
+
+
+def _open_objects(cfg: TrainConfig, train: Any, evald: Any, source: str, comm: Comm,
+                  device: torch.device) -> RankData:
+    rank, size = comm.rank, comm.size
+    n = _length(train, f"training data {source}")
+    mine = D.partition(n, rank, size, cfg.data.partition, cfg.seed)
+    x, y = _sample(train, int(mine[0]), f"training data {source}")
+    shape = _shape_of(train, x, y)
+    block = _make_block(train, mine, cfg, device, f"training data {source}")
+    eval_block, n_eval = None, 0
+    if evald is not None:
+        n_eval = _length(evald, "eval data")
+        lo, hi = D.block_bounds(n_eval, rank, size)
+        eval_block = _make_block(evald, np.arange(lo, hi, dtype=np.int64), cfg, device, "eval data") if hi > lo else None
+    sample = tuple(torch.as_tensor(np.asarray(x)).shape) if not isinstance(x, torch.Tensor) else tuple(x.shape)
+    return RankData(block, eval_block, shape, D.block_sizes(n, size), source,
+                    {"task": shape.task, "train_rows": n, "eval_rows": n_eval, "sample_shape": sample,
+                     "outputs": shape.n_outputs})
