@@ -42,7 +42,8 @@ class DataShape:
 
 
 def build_model(cfg: ModelConfig, job: Job, shape: DataShape) -> nn.Module:
-    """The model on this rank, before the start-up broadcast (rank 0's weights win)."""
+    """The model on this rank, before the start-up broadcast (rank 0's weights win). A user's model
+    keeps its own dtype unless dtype float64 is asked for; the data follows the model's dtype."""
     dtype = getattr(torch, cfg.dtype)
     if job.model is not None:
         model = job.model
@@ -53,7 +54,7 @@ def build_model(cfg: ModelConfig, job: Job, shape: DataShape) -> nn.Module:
     if is_spec(cfg.name):
         model = call_plugin(cfg.name, "--model", load_attr(cfg.name, "--model"), **cfg.args)
         _need_module(model, f"--model {cfg.name}")
-        return model.to(dtype)
+        return model.to(dtype) if cfg.dtype != "float32" else model
     if cfg.args:
         raise ConfigError(f"--model-args is for MODULE:ATTR models; built-in {cfg.name!r} takes --hidden")
     from hvdtrain.models import MLP, Net

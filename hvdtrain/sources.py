@@ -28,6 +28,9 @@ class Block(ABC):
     """One rank's share of a split; `n` samples, read by position 0..n-1."""
     n: int
 
+    def cast(self, dtype: torch.dtype) -> None:
+        """Floating inputs and targets in the model's dtype."""
+
     @abstractmethod
     def batches(self, order: np.ndarray, batch: int, partial: bool = False) -> Iterator[Batch]:
         """Batches of `batch` samples in `order` (positions in this block); the last short batch only
@@ -39,6 +42,12 @@ class TensorBlock(Block):
 
     def __init__(self, X: torch.Tensor, y: torch.Tensor, device: torch.device) -> None:
         self.X, self.y, self.n = X.to(device), y.to(device), len(X)
+
+    def cast(self, dtype: torch.dtype) -> None:
+        if self.X.is_floating_point():
+            self.X = self.X.to(dtype)
+        if self.y.is_floating_point():
+            self.y = self.y.to(dtype)
 
     def batches(self, order: np.ndarray, batch: int, partial: bool = False) -> Iterator[Batch]:
         idx = torch.from_numpy(np.ascontiguousarray(order)).to(self.X.device)
@@ -56,6 +65,9 @@ class DatasetBlock(Block):
         self.workers, self.pin = cfg.data.num_workers, cfg.data.pin_memory and device.type == "cuda"
         self.device, self.dtype = device, getattr(torch, cfg.model.dtype)
 
+    def cast(self, dtype: torch.dtype) -> None:
+        self.dtype = dtype
+
     def batches(self, order: np.ndarray, batch: int, partial: bool = False) -> Iterator[Batch]:
         sampler = self.indices[order].tolist()  # hvdtrain: only this rank's indices are ever read
         loader = torch.utils.data.DataLoader(self.dataset, batch_size=batch, sampler=sampler,
@@ -65,7 +77,7 @@ class DatasetBlock(Block):
                                              # from the global RNG, so a resumed run stays exact
                                              generator=torch.Generator().manual_seed(len(order)))
         for x, y in loader:
-            yield _to(x, self.device, self.dtype), _to(y, self.device, None)
+            yield _to(x, self.device, self.dtype), _to(y, self.device, self.dtype)
 
 
 def _to(t: Any, device: torch.device, dtype: torch.dtype | None) -> Any:
@@ -84,6 +96,11 @@ class RankData:
     sizes: list[int]          # every rank's training block size (for steps and weights)
     source: str               # names the data in messages and the summary
     record: dict[str, Any]    # what every rank must agree on
+
+    def cast(self, dtype: torch.dtype) -> None:
+        for block in (self.train, self.eval):
+            if block is not None:
+                block.cast(dtype)
 
 
 def _is_dataset(obj: Any) -> bool:

@@ -74,7 +74,11 @@ def _probe(model: torch.nn.Module, loss_fn: Any, data: RankData, cfg: TrainConfi
     """One eval-mode forward and loss on this rank's first batch: a model that does not fit the data,
     labels out of range or a loss that is not a scalar become one line before training starts."""
     n = min(data.train.n, cfg.batch_size)
-    x, y = next(data.train.batches(np.arange(n), n, partial=True))
+    try:
+        x, y = next(data.train.batches(np.arange(n), n, partial=True))
+    except Exception as exc:
+        raise ConfigError(f"reading a batch of data {data.source} failed: {describe_error(exc)}; fix the "
+                          f"Dataset") from None
     was_training = model.training
     model.eval()  # no BatchNorm statistics updated, no dropout RNG drawn
     try:
@@ -132,6 +136,7 @@ def train(cfg: TrainConfig, strategy: SyncStrategy, stop_requested: Callable[[],
         steps_epoch = D.steps_per_epoch(data.sizes, per_step)
         total_steps = steps_epoch * cfg.epochs
         model = build_model(cfg.model, job, data.shape).to(device)
+        data.cast(next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32))
         loss_fn = build_loss(cfg.loss, job, data.shape.task)
         optimizer = build_optimizer(cfg.optim, job, model)
         _probe(model, loss_fn, data, cfg, _model_name(cfg, job), autocast)

@@ -19,6 +19,7 @@
 #                           reaches the hosts with the cluster key and without writing
 #                           ~/.ssh/known_hosts) and the venv's bin first
 #   OMPI_MCA_plm_rsh_agent  the same ssh, for mpirun
+#   OMPI_MCA_orte_launch_agent  an orted wrapper: remote ranks find the venv first on PATH
 #   OMPI_MCA_{btl,oob}_tcp_if_include=198.18.0.0/24   Open MPI uses the hosts' links
 #   OMPI_ALLOW_RUN_AS_ROOT{,_CONFIRM}=1, HVDTRAIN_CLUSTER_DIR
 # Environment reaches remote ranks by: mpirun's own forwarding (OMPI_* and `-x VAR`);
@@ -90,7 +91,12 @@ Host *
   Include /etc/ssh/ssh_config
 EOF
   printf '#!/bin/sh\n# ssh with the hvdtrain local cluster config (cluster_local.sh up)\nexec /usr/bin/ssh -F %q "$@"\n' "$CFG" >"$STATE/bin/ssh"
-  chmod +x "$STATE/bin/ssh"
+  # Remote ranks under plain mpirun inherit orted's environment, whose PATH the user's ~/.bashrc
+  # may have reordered after sshd's SetEnv: start orted through a wrapper that puts the venv first.
+  printf '#!/bin/sh\nPATH=%q:"$PATH"; export PATH\nexec %q "$@"\n' "$VENV/bin" "$(command -v orted || echo /usr/bin/orted)" >"$STATE/bin/orted"
+  chmod +x "$STATE/bin/ssh" "$STATE/bin/orted"
+  # horovodrun caches its ssh and interface checks in ~/.horovod; remove it on `down` if we caused it.
+  [ -e "$HOME/.horovod" ] || touch "$STATE/remove-horovod-cache"
   { printf '127.0.0.1 localhost\n::1 localhost ip6-localhost ip6-loopback\n%s.254 hvd-launcher\n' $NET
     for k in $(seq 1 "$n"); do echo "$NET.$k hvd-h$k"; done; } >"$STATE/hosts"
 
@@ -141,8 +147,10 @@ EOF
   done
   trap - ERR
   say "up: $n hosts ($hosts_list), state in $STATE"
-  printf 'export %s=%q\n' HVDTRAIN_CLUSTER_DIR "$STATE" HOSTS "$hosts_list" HOSTFILE "$STATE/hostfile" \
-    OMPI_MCA_plm_rsh_agent "$STATE/bin/ssh" OMPI_MCA_btl_tcp_if_include $NET.0/24 \
+  echo "export HOSTS=$hosts_list"
+  printf 'export %s=%q\n' HVDTRAIN_CLUSTER_DIR "$STATE" HOSTFILE "$STATE/hostfile" \
+    OMPI_MCA_plm_rsh_agent "$STATE/bin/ssh" OMPI_MCA_orte_launch_agent "$STATE/bin/orted" \
+    OMPI_MCA_btl_tcp_if_include $NET.0/24 \
     OMPI_MCA_oob_tcp_if_include $NET.0/24 OMPI_ALLOW_RUN_AS_ROOT 1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM 1
   printf 'export PATH=%q:%q:"$PATH"\n' "$STATE/bin" "$VENV/bin"
 }
@@ -154,7 +162,7 @@ status() {
   for ns in $(hosts); do
     k="${ns#hvd-h}"
     pid="$(sshd_pid "$ns" || true)"
-    printf '%-8s %-14s %-12s %14s %14s %s\n' "$ns" "$NET.$k" "${pid:+pid $pid}${pid:-DOWN}" \
+    printf '%-8s %-14s %-12s %14s %14s %s\n' "$ns" "$NET.$k" "${pid:+pid }${pid:-DOWN}" \
       "$(in_ns "$ns" cat /sys/class/net/hvd0/statistics/rx_bytes)" \
       "$(in_ns "$ns" cat /sys/class/net/hvd0/statistics/tx_bytes)" \
       "$(in_ns "$ns" tc qdisc show dev hvd0 | awk 'NR==1{print $2}')"
@@ -222,6 +230,7 @@ down() {
   done
   ip link del $BR 2>/dev/null || true
   forget_hosts
+  [ ! -e "$STATE/remove-horovod-cache" ] || rm -rf "$HOME/.horovod"
   rm -rf "$STATE"
   say "down: no cluster hosts remain"
 }

@@ -25,6 +25,9 @@ JOBS = [
     ("test_training.py", "mpirun", 2, 600),
     ("test_training.py", "mpirun", 3, 600),
     ("test_training.py", "horovodrun-gloo", 2, 600),
+    ("test_fit.py", "mpirun", 2, 600),
+    ("test_fit.py", "mpirun", 3, 600),
+    ("test_fit.py", "horovodrun-gloo", 2, 600),
 ]
 JOBS += [(f, "mpirun", n, 180) for f in ["test_ring.py"] if (HERE / "parallel" / f).exists() for n in (2, 3)]
 

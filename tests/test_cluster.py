@@ -1,0 +1,295 @@
+"""The local multi-host cluster (mpi_jobs/cluster_local.sh), for real: hosts are network
+namespaces with their own sshd, and jobs are launched on them with plain mpirun/horovodrun.
+
+Needs root (namespaces, a bridge, sshd). A cluster of 2 hosts, then one of 3, serves the
+module's cluster tests; each is always taken down after them, and the teardown checks that no namespace, bridge, sshd, state folder or
+known_hosts entry is left. The tests that need no cluster (bad input, a full up/down cycle) come
+first in the file, so they run before that cluster exists.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from hvdtrain.launch import launcher_env, mpirun_cmd, run
+
+if os.geteuid() != 0:
+    pytest.skip("needs root: the local cluster makes network namespaces, a bridge and sshds",
+                allow_module_level=True)
+
+pytestmark = pytest.mark.mpi
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "mpi_jobs" / "cluster_local.sh"
+KNOWN_HOSTS = Path.home() / ".ssh" / "known_hosts"
+PY = sys.executable
+TRAIN = ["train", "--dtype", "float64", "--rows", "2000", "--batch-size", "16", "--epochs", "1",
+         "--lr", "0.05", "--seed", "3", "--threads", "1"]
+MIB = 2 ** 20
+
+
+def cluster_script(*args: str, state: Path, timeout: float = 180) -> subprocess.CompletedProcess:
+    """Run cluster_local.sh with stdout and stderr apart, in its own process group (killed on timeout)."""
+    env = dict(os.environ, HVDTRAIN_CLUSTER_DIR=str(state))
+    proc = subprocess.Popen(["bash", str(SCRIPT), *args], env=env, text=True, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        err += f"\n[test] killed after {timeout} s"
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def netns() -> list[str]:
+    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
+    return [ln.split()[0] for ln in out.splitlines() if ln.startswith("hvd-h")]
+
+
+def bridge_exists() -> bool:
+    return subprocess.run(["ip", "link", "show", "hvd0"], capture_output=True).returncode == 0
+
+
+def sshds_of(state: Path) -> list[int]:
+    """Live sshd processes started with a config from `state` (zombies have an empty cmdline)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and str(state) in (proc / "cmdline").read_text():
+                pids.append(int(proc.name))
+        except OSError:
+            pass
+    return pids
+
+
+def tx_bytes(host: str) -> int:
+    return int(subprocess.run(["ip", "netns", "exec", host, "cat", "/sys/class/net/hvd0/statistics/tx_bytes"],
+                              capture_output=True, text=True, check=True).stdout)
+
+
+def known_hosts() -> str | None:
+    return KNOWN_HOSTS.read_text() if KNOWN_HOSTS.exists() else None
+
+
+@dataclass
+class Cluster:
+    n: int
+    state: Path
+    env: dict[str, str]  # the launcher environment after `eval "$(cluster_local.sh up N)"`
+
+    @property
+    def hosts(self) -> list[str]:
+        return [f"hvd-h{k}" for k in range(1, self.n + 1)]
+
+    def job(self, cmd: list[str], timeout: float = 180) -> subprocess.CompletedProcess:
+        return run(cmd, timeout=timeout, env=launcher_env(self.env))
+
+
+def exported_env(up_stdout: str) -> dict[str, str]:
+    """What `eval "$(cluster_local.sh up N)"` does to a shell's environment, taken from a real shell."""
+    out = subprocess.run(["bash", "-c", 'eval "$1" && env -0', "_", up_stdout],
+                         capture_output=True, text=True, check=True).stdout
+    return dict(item.split("=", 1) for item in out.split("\0") if "=" in item)
+
+
+def assert_nothing_left(state: Path, kh_before: str | None) -> None:
+    assert netns() == [], f"namespaces left: {netns()}"
+    assert not bridge_exists(), "bridge hvd0 left"
+    assert sshds_of(state) == [], f"sshd processes left: {sshds_of(state)}"
+    assert not state.exists(), f"state folder {state} left"
+    assert known_hosts() == kh_before, "~/.ssh/known_hosts was changed"
+
+
+def max_rel_err(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k] - b[k]).abs().max() / b[k].abs().max().clamp_min(1e-300)) for k in a)
+
+
+# --- no cluster needed (these run first, before the module's cluster is up) ---------------------
+
+@pytest.mark.parametrize("args", [["up", "0"], ["up", "abc"], ["up", "9"], ["up"], ["up", "2", "3"],
+                                  ["shape", "--rate", "nonsense"], ["shape", "--rate", "1gbit", "--delay", "x"],
+                                  ["shape", "--bogus"], ["frobnicate"], []],
+                         ids=lambda a: " ".join(a) or "no-args")
+def test_bad_arguments_say_one_line_and_exit_2(args, tmp_path):
+    result = cluster_script(*args, state=tmp_path / "state")
+    assert result.returncode == 2, result
+    assert result.stdout == "" and len(result.stderr.splitlines()) == 1, result
+    assert result.stderr.startswith("cluster_local: "), result.stderr
+    assert netns() == [] and not (tmp_path / "state").exists()
+
+
+def test_not_root_is_refused(tmp_path):
+    # setpriv drops to `nobody` for this one call; the script must refuse before touching anything.
+    result = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                             "bash", str(SCRIPT), "up", "1"], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2 and "needs root" in result.stderr and len(result.stderr.splitlines()) == 1, result
+
+
+def test_up_then_down_leaves_nothing_behind(tmp_path):
+    state, kh_before = tmp_path / "state", known_hosts()
+    up = cluster_script("up", "1", state=state)
+    try:
+        assert up.returncode == 0, up.stderr
+        assert netns() == ["hvd-h1"] and bridge_exists() and len(sshds_of(state)) >= 1
+    finally:
+        down = cluster_script("down", state=state)
+    assert down.returncode == 0, down.stderr
+    assert_nothing_left(state, kh_before)
+    again = cluster_script("down", state=state)  # idempotent: nothing up is fine
+    assert again.returncode == 0, again.stderr
+
+
+# --- on a cluster of 2, then 3 hosts --------------------------------------------------------------------------
+
+# Module scope with two params: pytest runs every test on 2 hosts, takes that cluster down, then
+# runs them on 3 (one cluster at a time: the bridge and the namespace names are fixed).
+@pytest.fixture(scope="module", params=[2, 3], ids=lambda n: f"{n}hosts")
+def cluster(request, tmp_path_factory):
+    n = request.param
+    state = tmp_path_factory.mktemp("cluster") / "state"
+    kh_before = known_hosts()
+    started = time.monotonic()
+    up = cluster_script("up", str(n), state=state)
+    try:
+        assert up.returncode == 0, f"up failed:\n{up.stderr}"
+        print(f"cluster of {n} up in {time.monotonic() - started:.1f} s", file=sys.stderr)
+        yield Cluster(n, state, exported_env(up.stdout))
+    finally:
+        down = cluster_script("down", state=state)
+        assert down.returncode == 0, down.stderr
+        assert_nothing_left(state, kh_before)
+
+
+def test_up_exports_the_launch_environment(cluster):
+    env = cluster.env
+    addresses = [f"198.18.0.{k}" for k in range(1, cluster.n + 1)]
+    assert env["HOSTS"] == ",".join(f"{a}:1" for a in addresses)
+    assert Path(env["HOSTFILE"]).read_text() == "".join(f"{a} slots=1\n" for a in addresses)
+    assert env["OMPI_MCA_btl_tcp_if_include"] == env["OMPI_MCA_oob_tcp_if_include"] == "198.18.0.0/24"
+    assert env["HVDTRAIN_CLUSTER_DIR"] == str(cluster.state)
+    assert env["OMPI_MCA_plm_rsh_agent"].startswith(str(cluster.state))
+
+
+def test_up_twice_is_refused_with_the_fix(cluster):
+    result = cluster_script("up", "1", state=cluster.state)
+    assert result.returncode == 2 and "down" in result.stderr and len(result.stderr.splitlines()) == 1, result
+    assert netns() == cluster.hosts
+
+
+def test_sshd_takes_only_the_cluster_key(cluster, tmp_path):
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp_path / "other")], check=True)
+    base = ["ssh", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+            "-o", "IdentitiesOnly=yes", "-o", "ConnectTimeout=5"]
+    other = subprocess.run(["ssh", "-F", "/dev/null", *base[1:], "-i", str(tmp_path / "other"), "root@198.18.0.1",
+                            "true"], capture_output=True, text=True, timeout=30)
+    assert other.returncode == 255 and "Permission denied" in other.stderr, other
+    ours = subprocess.run(["ssh", "-F", "/dev/null", *base[1:], "-i", str(cluster.state / "id_ed25519"),
+                           "root@198.18.0.1", "hostname"], capture_output=True, text=True, timeout=30)
+    assert ours.returncode == 0 and ours.stdout.strip() == "hvd-h1", ours
+
+
+def test_ranks_run_on_different_hosts_and_traffic_crosses_their_links(cluster):
+    probe = ("import os, socket; print('PROBE', os.environ['OMPI_COMM_WORLD_RANK'], socket.gethostname(), "
+             "os.stat('/proc/self/ns/net').st_ino, flush=True)")
+    n = cluster.n
+    result = cluster.job(["mpirun", "-np", str(n), "--hostfile", cluster.env["HOSTFILE"], PY, "-c", probe], timeout=60)
+    assert result.returncode == 0, result.stdout[-3000:]
+    ranks = {int(r): (host, int(ino)) for r, host, ino in re.findall(r"^PROBE (\d+) (\S+) (\d+)$", result.stdout, re.M)}
+    assert sorted(ranks) == list(range(n)), result.stdout
+    assert [ranks[r][0] for r in range(n)] == cluster.hosts  # the hostfile's order, one slot each
+    inodes = {ino for _, ino in ranks.values()}
+    own_ns = os.stat("/proc/self/ns/net").st_ino
+    assert len(inodes) == n and own_ns not in inodes, (ranks, own_ns)
+
+    # A 64 MiB float64 allreduce per rank; the hosts' links must carry at least what a ring moves:
+    # each of N ranks sends 2(N-1)/N of the payload (reduce-scatter + allgather). Shared memory
+    # would leave the counters nearly still.
+    payload = 64 * MIB
+    allreduce = ("import numpy as np; from mpi4py import MPI; c = MPI.COMM_WORLD; "
+                 f"a = np.full({payload // 8}, c.rank + 1.0); b = np.empty_like(a); c.Allreduce(a, b); "
+                 "assert b[0] == b[-1] == c.size * (c.size + 1) / 2, b[:3]; print('ALLREDUCE OK', c.rank, flush=True)")
+    before = [tx_bytes(h) for h in cluster.hosts]
+    result = cluster.job(["mpirun", "-np", str(n), "--hostfile", cluster.env["HOSTFILE"], PY, "-c", allreduce], timeout=120)
+    sent = sum(tx_bytes(h) for h in cluster.hosts) - sum(before)
+    assert result.returncode == 0 and result.stdout.count("ALLREDUCE OK") == n, result.stdout[-3000:]
+    ring_bytes = n * 2 * (n - 1) / n * payload
+    print(f"{n} hosts: links carried {sent / MIB:.1f} MiB for a ring model of {ring_bytes / MIB:.1f} MiB", file=sys.stderr)
+    assert sent >= 0.9 * ring_bytes, f"hosts' links carried {sent / MIB:.1f} MiB, ring model {ring_bytes / MIB:.1f} MiB"
+
+
+def test_shaping_limits_the_rate(cluster):
+    payload, rate_bits = 16 * MIB, 100e6
+    shaped = cluster_script("shape", "--rate", "100mbit", "--delay", "0.5ms", state=cluster.state)
+    try:
+        assert shaped.returncode == 0, shaped.stderr
+        status = cluster_script("status", state=cluster.state)
+        assert status.returncode == 0 and status.stdout.count(" htb") == cluster.n, status.stdout
+        timed = ("import time, numpy as np; from mpi4py import MPI; c = MPI.COMM_WORLD; "
+                 f"a = np.ones({payload // 8}); b = np.empty_like(a); c.Allreduce(a, b); c.Barrier(); "
+                 "t = time.perf_counter(); c.Allreduce(a, b); c.Barrier(); print('SECONDS', time.perf_counter() - t, flush=True)")
+        n = cluster.n
+        result = cluster.job(["mpirun", "-np", str(n), "--hostfile", cluster.env["HOSTFILE"], PY, "-c", timed], timeout=120)
+        assert result.returncode == 0, result.stdout[-3000:]
+        seconds = max(float(s) for s in re.findall(r"^SECONDS (\S+)$", result.stdout, re.M))
+        # Every rank sends at least the ring's 2(n-1)/n of the payload through its own shaped
+        # egress (a ring is bandwidth-optimal), all in parallel: that is the least time it can take.
+        model = 2 * (n - 1) / n * payload * 8 / rate_bits
+        print(f"{n} hosts: 16 MiB allreduce at 100 Mbit/s took {seconds:.2f} s (rate model {model:.2f} s)",
+              file=sys.stderr)
+        assert seconds >= 0.8 * model, f"allreduce took {seconds:.2f} s, a 100 Mbit/s link needs {model:.2f} s"
+    finally:
+        unshaped = cluster_script("unshape", state=cluster.state)
+    assert unshaped.returncode == 0, unshaped.stderr
+    assert " htb" not in cluster_script("status", state=cluster.state).stdout
+
+
+def test_training_across_hosts_matches_one_host(cluster, tmp_path):
+    hostfile, hosts, np = cluster.env["HOSTFILE"], cluster.env["HOSTS"], str(cluster.n)
+    horovodrun = str(Path(PY).parent / "horovodrun")
+    runs = {  # plain launcher lines, as a user types them after `eval "$(cluster_local.sh up 2)"`
+        "mpirun horovod": ["mpirun", "-np", np, "--hostfile", hostfile, PY, "-m", "mpi4py", "-m", "hvdtrain",
+                           *TRAIN, "--backend", "horovod"],
+        "mpirun mpi k=1": ["mpirun", "-np", np, "--hostfile", hostfile, PY, "-m", "mpi4py", "-m", "hvdtrain",
+                           *TRAIN, "--backend", "mpi", "--sync-every", "1"],
+        "horovodrun gloo": [horovodrun, "-np", np, "-H", hosts, "--gloo", PY, "-m", "hvdtrain", *TRAIN,
+                            "--backend", "horovod"],
+        "horovodrun mpi": [horovodrun, "-np", np, "-H", hosts, "--mpi", PY, "-m", "hvdtrain", *TRAIN,
+                           "--backend", "horovod"],
+    }
+    models = {}
+    for label, cmd in runs.items():
+        out = tmp_path / label.replace(" ", "-").replace("=", "")
+        result = cluster.job(cmd + ["--out", str(out)], timeout=240)
+        assert result.returncode == 0, f"{label}:\n{result.stdout[-4000:]}"
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["world_size"] == cluster.n and summary["steps"] > 0, (label, summary)
+        models[label] = torch_load(out / "model.pt")
+    # The same Horovod job on one host, over shared memory (no cluster environment).
+    local = tmp_path / "local-horovod"
+    result = run(mpirun_cmd(cluster.n, ["hvdtrain", *TRAIN, "--backend", "horovod", "--out", str(local)]),
+                 timeout=240, env=launcher_env())
+    assert result.returncode == 0, result.stdout[-4000:]
+    models["local horovod"] = torch_load(local / "model.pt")
+
+    errors = {label: max_rel_err(m, models["mpirun horovod"]) for label, m in models.items()}
+    print(f"{cluster.n} hosts: max relative error vs cross-host Horovod (mpirun):", errors, file=sys.stderr)
+    assert all(e <= 1e-6 for e in errors.values()), errors
+
+
+def torch_load(path: Path) -> dict:
+    import torch
+
+    state = torch.load(path, weights_only=True)
+    assert isinstance(state, dict) and state and all(isinstance(v, torch.Tensor) for v in state.values()), path
+    return {k: v.double() for k, v in state.items()}
