@@ -132,7 +132,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 1
     if summary is not None:
         tail = (f"eval_accuracy {summary['eval_accuracy']:.4f}" if "eval_accuracy" in summary
-                else f"eval_loss {summary['eval_loss']:.5g}")
+                else f"eval_loss {summary['eval_loss']:.5g}" if "eval_loss" in summary else "no eval data")
         final = "n/a (no steps left)" if summary["final_loss"] is None else f"{summary['final_loss']:.5g}"
         print(f"hvdtrain: {summary['backend']} x{summary['world_size']}: {summary['steps']} steps, "
               f"final_loss {final}, {tail}, {summary['samples_per_sec']:.0f} samples/s, "

@@ -21,6 +21,8 @@ MODELS = {"net": "Linear(features, 20) -> ReLU -> Linear(20, outputs); regressio
 OPTIMIZERS = {"sgd": "torch.optim.SGD (with --momentum)", "adam": "torch.optim.Adam",
               "adamw": "torch.optim.AdamW"}
 LOSSES = {"mse": "mean squared error", "cross_entropy": "cross-entropy over class logits"}
+BUILTIN_OPTIMIZERS = {"sgd": lambda: torch.optim.SGD, "adam": lambda: torch.optim.Adam,
+                      "adamw": lambda: torch.optim.AdamW}
 
 
 @dataclass
@@ -106,12 +108,9 @@ def build_optimizer(cfg: OptimConfig, job: Job, model: nn.Module) -> torch.optim
     spec = job.optimizer if job.optimizer is not None else cfg.name
     if callable(spec) and not isinstance(spec, str):
         opt = call_plugin(getattr(spec, "__name__", "optimizer"), "fit(optimizer=...)", spec, params)
-    elif spec == "sgd":
-        opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, **cfg.args)
-    elif spec == "adam":
-        opt = torch.optim.Adam(params, lr=cfg.lr, **cfg.args)
-    elif spec == "adamw":
-        opt = torch.optim.AdamW(params, lr=cfg.lr, **cfg.args)
+    elif spec in BUILTIN_OPTIMIZERS:
+        extra = {"momentum": cfg.momentum} if spec == "sgd" else {}
+        opt = call_plugin(spec, "--optimizer", BUILTIN_OPTIMIZERS[spec](), params, lr=cfg.lr, **extra, **cfg.args)
     else:
         opt = call_plugin(spec, "--optimizer", load_attr(spec, "--optimizer"), params, lr=cfg.lr, **cfg.args)
     if not isinstance(opt, torch.optim.Optimizer):

@@ -100,25 +100,31 @@ def test_equivalence_mpi_k1_equals_horovod(hvd, shared_dir):
 
 @pytest.mark.parametrize("backend_name", BACKENDS)
 def test_replicas_identical_after_every_sync(hvd, backend_name):
+    """Parameters *and* buffers (BatchNorm statistics) agree after each sync, differ between syncs."""
     cfg = load_config(None, {"sync": {"backend": backend_name, "sync_every": 3}, "seed": 1})
     backend = make_strategy(cfg)
-    torch.manual_seed(0)
-    model = Net(10, 1)
+    torch.manual_seed(backend.rank)  # different initial weights on every rank: the broadcast must fix it
+    model = torch.nn.Sequential(torch.nn.Linear(10, 16), torch.nn.BatchNorm1d(16), torch.nn.ReLU(),
+                                torch.nn.Linear(16, 1))
     opt = backend.attach(model, torch.optim.SGD(model.parameters(), lr=0.1),
                          D.averaging_weights([1] * backend.size))
     backend.broadcast_state(model, opt)
     gen = torch.Generator().manual_seed(100 + backend.rank)  # every rank sees different data
+
+    def state() -> torch.Tensor:
+        return torch.cat([v.detach().double().reshape(-1) for v in model.state_dict().values()])
+
     for step in range(1, 8):
         opt.zero_grad()
         torch.nn.functional.mse_loss(model(torch.randn(16, 10, generator=gen)),
                                      torch.randn(16, 1, generator=gen)).backward()
         backend.step(opt)
         synced = backend.after_step(step, model) or backend.replicas_identical
-        copies = backend.comm.allgather_object(torch.nn.utils.parameters_to_vector(model.parameters()).detach())
+        copies = backend.comm.allgather_object(state())
         same = all(torch.equal(c, copies[0]) for c in copies)
         assert same == (synced or backend.size == 1), f"step {step}: synced={synced} identical={same}"
     backend.finish(model, 7)
-    copies = backend.comm.allgather_object(torch.nn.utils.parameters_to_vector(model.parameters()).detach())
+    copies = backend.comm.allgather_object(state())
     assert all(torch.equal(c, copies[0]) for c in copies)
 
 

@@ -1,0 +1,184 @@
+"""MODULE:ATTR plug-ins through the real CLI: a user's module in the working folder, end to end at
+1 and 2 ranks, and every kind of bad plug-in (one line naming MODULE:ATTR, exit 2, no traceback)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from hvdtrain.launch import horovodrun_cmd, launcher_env, mpirun_cmd, run
+from test_bad_input import check
+
+USER_MODULE = textwrap.dedent('''
+    import torch
+    from torch import nn
+
+    class Net(nn.Module):
+        def __init__(self, width=16, classes=3):
+            super().__init__()
+            self.body = nn.Sequential(nn.Linear(4, width), nn.BatchNorm1d(width), nn.ReLU(), nn.Linear(width, classes))
+
+        def forward(self, x):
+            return self.body(x)
+
+    class Wide(Net):
+        def __init__(self):
+            super().__init__()
+            self.body[0] = nn.Linear(64, 16)
+
+    def blobs(n=600, seed=0, classes=3):
+        g = torch.Generator().manual_seed(seed)
+        y = torch.randint(0, classes, (n,), generator=g)
+        x = torch.randn(n, 4, generator=g) * 0.5 + torch.nn.functional.one_hot(y, 4).float() * 2
+        return x, y
+
+    class Blobs(torch.utils.data.Dataset):
+        num_classes = 3
+        def __init__(self, n, seed):
+            self.x, self.y = blobs(n, seed)
+        def __len__(self):
+            return len(self.y)
+        def __getitem__(self, i):
+            return self.x[i], self.y[i]
+
+    def data():
+        return Blobs(600, 0), Blobs(200, 1)
+
+    def arrays():
+        return blobs(600, 0)
+
+    def bad_labels():
+        x, y = blobs(600, 0)
+        return x, y + 5
+
+    def not_data():
+        return "a string"
+
+    def smooth_loss(output, target):
+        return nn.functional.cross_entropy(output, target, label_smoothing=0.1)
+
+    def vector_loss(output, target):
+        return nn.functional.cross_entropy(output, target, reduction="none")
+
+    def not_an_optimizer(params, lr):
+        return [params, lr]
+
+    def returns_int():
+        return 3
+
+    def raises():
+        raise RuntimeError("boom in the factory")
+
+    NOT_CALLABLE = 42
+''')
+
+
+@pytest.fixture
+def user_dir(tmp_path: Path) -> Path:
+    (tmp_path / "mymod.py").write_text(USER_MODULE)
+    (tmp_path / "broken_import.py").write_text("import torch\nraise RuntimeError('broken at import')\n")
+    return tmp_path
+
+
+def train(user_dir: Path, *args: str, launcher: str = "python", backend: str = "single") -> subprocess.CompletedProcess:
+    argv = ["hvdtrain", "train", "--backend", backend, "--out", str(user_dir / "out"), "--threads", "1", *args]
+    env = launcher_env({"PYTHONPATH": ""})
+    if launcher == "python":
+        return subprocess.run([sys.executable, "-m", *argv], capture_output=True, text=True, timeout=120,
+                              env=env, cwd=user_dir)
+    cmd = mpirun_cmd(2, argv) if launcher == "mpirun" else horovodrun_cmd(2, argv)
+    result = run(cmd, timeout=300, env=env, cwd=user_dir)
+    return subprocess.CompletedProcess(cmd, result.returncode, result.stdout, result.stdout)
+
+
+GOOD = ["--model", "mymod:Net", "--model-args", '{"width": 32}', "--data", "mymod:data", "--loss",
+        "mymod:smooth_loss", "--optimizer", "torch.optim:RMSprop", "--optimizer-args", '{"alpha": 0.9}',
+        "--lr", "0.01", "--epochs", "3", "--batch-size", "16"]
+
+
+def test_user_plugins_one_process(user_dir):
+    result = train(user_dir, *GOOD)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((user_dir / "out" / "summary.json").read_text())
+    assert summary["eval_accuracy"] > 0.9, summary
+    assert summary["config"]["model"]["args"] == {"width": 32}
+    assert summary["parameters"] == 4 * 32 + 32 + 2 * 32 + 32 * 3 + 3  # Linear, BatchNorm, Linear
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("launcher,backend", [("mpirun", "mpi"), ("horovodrun", "horovod")])
+def test_user_plugins_two_ranks(user_dir, launcher, backend):
+    result = train(user_dir, *GOOD, "--sync-every", "2", launcher=launcher, backend=backend)
+    assert result.returncode == 0, result.stdout[-3000:]
+    summary = json.loads((user_dir / "out" / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["backend"] == backend
+    assert summary["eval_accuracy"] > 0.9, summary
+
+
+def test_array_pair_data_and_builtin_names(user_dir):
+    result = train(user_dir, "--model", "mlp", "--hidden", "16", "--data", "mymod:arrays", "--optimizer",
+                   "adamw", "--lr", "0.01", "--lr-schedule", "cosine", "--warmup-steps", "5", "--epochs", "2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((user_dir / "out" / "summary.json").read_text())
+    assert summary["final_loss"] < summary["first_loss"]
+
+
+# id, arguments, text the one-line error must contain
+BAD = [
+    ("module-missing", ["--model", "nosuchmod:Net"], "module 'nosuchmod' was not found"),
+    ("attr-missing", ["--model", "mymod:Nope"], "has no attribute 'Nope'"),
+    ("not-callable", ["--model", "mymod:NOT_CALLABLE"], "not callable"),
+    ("not-a-module", ["--model", "mymod:returns_int"], "returned int, not a torch.nn.Module"),
+    ("factory-raises", ["--model", "mymod:raises"], "RuntimeError: boom in the factory"),
+    ("import-raises", ["--model", "broken_import:Net"], "RuntimeError: broken at import"),
+    ("no-colon", ["--model", "mymod"], "model 'mymod' is unknown"),
+    ("empty-attr", ["--model", "mymod:"], "not MODULE:ATTR"),
+    ("model-args-json", ["--model", "mymod:Net", "--model-args", "{width"], "not valid JSON"),
+    ("model-args-list", ["--model", "mymod:Net", "--model-args", "[1]"], "not a JSON object"),
+    ("model-args-unknown", ["--model", "mymod:Net", "--model-args", '{"depth": 3}'], "depth"),
+    ("model-args-builtin", ["--model", "mlp", "--model-args", '{"depth": 3}'], "--model-args is for MODULE:ATTR"),
+    ("shape-mismatch", ["--model", "mymod:Wide"], "failed on a batch of data mymod:data"),
+    ("labels-out-of-range", ["--model", "mymod:Net", "--data", "mymod:bad_labels"], "class label"),
+    ("data-not-data", ["--data", "mymod:not_data"], "returned str"),
+    ("data-module-missing", ["--data", "nosuchdata:make"], "module 'nosuchdata' was not found"),
+    ("loss-not-scalar", ["--loss", "mymod:vector_loss"], "scalar"),
+    ("loss-missing", ["--loss", "mymod:nope"], "has no attribute 'nope'"),
+    ("loss-unknown", ["--loss", "hinge"], "loss 'hinge' is unknown"),
+    ("optimizer-not-optimizer", ["--optimizer", "mymod:not_an_optimizer"], "not a torch.optim.Optimizer"),
+    ("optimizer-args-unknown", ["--optimizer", "adam", "--optimizer-args", '{"moment": 0.9}'], "moment"),
+    ("backend-not-strategy", ["--backend", "mymod:Net"], "not a SyncStrategy subclass"),
+    ("amp-fp16-on-cpu", ["--amp", "fp16"], "amp fp16 needs a GPU"),
+    ("amp-unknown", ["--amp", "int8"], "amp 'int8' is unknown"),
+    ("lr-schedule-unknown", ["--lr-schedule", "step"], "lr_schedule 'step' is unknown"),
+    ("warmup-negative", ["--warmup-steps", "-1"], "warmup_steps"),
+    ("num-workers-negative", ["--num-workers", "-2"], "num_workers"),
+    ("seed-negative", ["--seed", "-1"], "seed must be an integer >= 0"),
+]
+
+
+@pytest.mark.parametrize("case,args,needle", BAD, ids=[b[0] for b in BAD])
+def test_bad_plugin(user_dir, case, args, needle):
+    base = {"--model": "mymod:Net", "--data": "mymod:data"}
+    given = dict(zip(args[::2], args[1::2]))
+    extra = [x for flag, value in base.items() if flag not in given for x in (flag, value)]
+    if "--backend" in given:
+        backend = given.pop("--backend")
+        args = [x for flag, value in given.items() for x in (flag, value)]
+    else:
+        backend = "single"
+    result = train(user_dir, *extra, *args, backend=backend)
+    check(result, needle, mpi=False)
+    assert not (user_dir / "out" / "summary.json").exists()
+
+
+@pytest.mark.mpi
+def test_bad_plugin_two_ranks_ends_every_rank(user_dir):
+    result = train(user_dir, "--model", "mymod:Wide", "--data", "mymod:data", launcher="mpirun", backend="mpi")
+    assert result.returncode == 2, result.stdout[-2000:]
+    errors = [line for line in result.stdout.splitlines() if "hvdtrain: error" in line]
+    assert len(errors) == 1 and "failed on a batch of data mymod:data" in errors[0], result.stdout[-2000:]
+    assert "Traceback" not in result.stdout
