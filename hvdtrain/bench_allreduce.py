@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from hvdtrain import tables
 from hvdtrain.comm.allreduce_impls import (DEFAULT_IMPLS, HVDTRAIN_CONFIGURED, IMPLS,
                                               horovod_env_defaults, open_impl)
 from hvdtrain.launch import TIMEOUT_EXIT, horovodrun_cmd, launcher_env, run
@@ -167,17 +168,17 @@ def collect_meta(args: argparse.Namespace, failed: dict[str, str]) -> dict[str, 
                          "job_env_note": f"given to {', '.join(sorted(HVDTRAIN_CONFIGURED))}"}}
 
 
+COLUMNS = [("impl", "impl", "{}"), ("np", "np", "{}"), ("bytes", "bytes", "{}"), ("p50_us", "p50_us", "{:.1f}"),
+           ("algbw GB/s", "algbw_gbps", "{:.3f}"), ("busbw GB/s", "busbw_gbps", "{:.3f}"),
+           ("vs mpi4py", "vs_mpi4py", "{:.2f}")]
+
+
 def print_table(rows: list[dict[str, Any]]) -> None:
     """One line per (impl, size); `vs mpi4py` is busbw over raw MPI's at the same size."""
     ref = {r["bytes"]: r["busbw_gbps"] for r in rows if r["impl"] == "mpi4py"}
-    head = (f"{'impl':<18}{'np':>3}{'bytes':>12}{'p50_us':>12}{'algbw GB/s':>12}"
-            f"{'busbw GB/s':>12}{'vs mpi4py':>11}")
-    print(head + "\n" + "-" * len(head))
-    for r in rows:
-        base = ref.get(r["bytes"]) if r["impl"] != "memcpy" else None
-        rel = f"{r['busbw_gbps'] / base:.2f}" if base else ""
-        print(f"{r['impl']:<18}{r['np']:>3}{r['bytes']:>12}{r['p50_us']:>12.1f}"
-              f"{r['algbw_gbps']:>12.3f}{r['busbw_gbps']:>12.3f}{rel:>11}")
+    shown = [{**r, "vs_mpi4py": r["busbw_gbps"] / ref[r["bytes"]] if r["impl"] != "memcpy" and ref.get(r["bytes"])
+              else None} for r in rows]
+    print(tables.format_table(COLUMNS, shown))
 
 
 def plot(rows: list[dict[str, Any]], meta: dict[str, Any], path: Path) -> None:

@@ -27,6 +27,7 @@ from typing import Any
 
 from hvdtrain import data as D
 from hvdtrain.checkpoint import atomic_write_text
+from hvdtrain import tables
 from hvdtrain.launch import horovodrun_cmd, mpirun_args, run
 
 NO_COMM_K = 1_000_000_000
@@ -213,12 +214,8 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         v = {**r, "kb_step": r["bytes_per_step"] / 1e3, "comm_pct": 100 * r["comm_fraction"],
              "rss_mb": "/".join(f"{b / 2**20:.0f}" if b else "?" for b in r["peak_rss_bytes"])}
-        cells.append([fmt.format(v[k]) if v.get(k) is not None else "-" for _, k, fmt in COLUMNS])
-    head = [name for name, _, _ in COLUMNS]
-    widths = [max(len(c) for c in col) for col in zip(head, *cells)]
-    lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(line, widths)))
-             for line in [head, ["-" * w for w in widths], *cells]]
-    return "\n".join(lines)
+        cells.append(v)
+    return tables.format_table(COLUMNS, cells)
 
 
 def memory_line(m: dict[str, Any]) -> str:

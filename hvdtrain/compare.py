@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from hvdtrain import data as D
+from hvdtrain import tables
 from hvdtrain.checkpoint import atomic_write_text
 from hvdtrain.launch import horovodrun_cmd, mpirun_cmd, run
 from hvdtrain.strategies import Variant as Strategy, variants
@@ -51,27 +52,19 @@ COLUMNS = [("strategy", "label", "{}"), ("final loss", "final_loss", "{:.5g}"),
            ("comm %", "comm_pct", "{:.1f}")]
 
 
-def table_rows(results: list[dict[str, Any]]) -> list[list[str]]:
+def table_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     rows = []
     for r in results:
         s = r["summary"]
-        values = {**s, "label": r["label"], "mb": s["bytes_communicated"] / 1e6,
-                  "comm_pct": 100 * s["comm_seconds"] / max(s["train_seconds"], 1e-9),
-                  "eval": (f"acc {s['eval_accuracy']:.4f}" if "eval_accuracy" in s
-                           else f"loss {s['eval_loss']:.5g}")}
-        rows.append([fmt.format(values[key]) for _, key, fmt in COLUMNS])
+        rows.append({**s, "label": r["label"], "mb": s["bytes_communicated"] / 1e6,
+                     "comm_pct": 100 * s["comm_seconds"] / max(s["train_seconds"], 1e-9),
+                     "eval": (f"acc {s['eval_accuracy']:.4f}" if "eval_accuracy" in s
+                              else f"loss {s['eval_loss']:.5g}" if "eval_loss" in s else None)})
     return rows
 
 
 def format_table(results: list[dict[str, Any]], markdown: bool = False) -> str:
-    head = [name for name, _, _ in COLUMNS]
-    rows = table_rows(results)
-    widths = [max(len(x) for x in col) for col in zip(head, *rows)]
-    if markdown:
-        lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
-        return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
-    fmt = lambda cells: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
-    return "\n".join([fmt(head), fmt(["-" * w for w in widths])] + [fmt(r) for r in rows])
+    return tables.format_table(COLUMNS, table_rows(results), markdown)
 
 
 def build_parser() -> argparse.ArgumentParser:

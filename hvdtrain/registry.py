@@ -18,11 +18,9 @@ from hvdtrain.plugins import call_plugin, describe_error, is_spec, load_attr
 #: name -> description (the builders below know each name)
 MODELS = {"net": "Linear(features, 20) -> ReLU -> Linear(20, outputs); regression",
           "mlp": "fully connected, widths from --hidden; any task"}
-OPTIMIZERS = {"sgd": "torch.optim.SGD (with --momentum)", "adam": "torch.optim.Adam",
-              "adamw": "torch.optim.AdamW"}
 LOSSES = {"mse": "mean squared error", "cross_entropy": "cross-entropy over class logits"}
-BUILTIN_OPTIMIZERS = {"sgd": lambda: torch.optim.SGD, "adam": lambda: torch.optim.Adam,
-                      "adamw": lambda: torch.optim.AdamW}
+OPTIMIZERS = {"sgd": lambda: torch.optim.SGD, "adam": lambda: torch.optim.Adam,
+              "adamw": lambda: torch.optim.AdamW}  # name -> the class (sgd also gets --momentum)
 
 
 @dataclass
@@ -108,9 +106,9 @@ def build_optimizer(cfg: OptimConfig, job: Job, model: nn.Module) -> torch.optim
     spec = job.optimizer if job.optimizer is not None else cfg.name
     if callable(spec) and not isinstance(spec, str):
         opt = call_plugin(getattr(spec, "__name__", "optimizer"), "fit(optimizer=...)", spec, params)
-    elif spec in BUILTIN_OPTIMIZERS:
+    elif spec in OPTIMIZERS:
         extra = {"momentum": cfg.momentum} if spec == "sgd" else {}
-        opt = call_plugin(spec, "--optimizer", BUILTIN_OPTIMIZERS[spec](), params, lr=cfg.lr, **extra, **cfg.args)
+        opt = call_plugin(spec, "--optimizer", OPTIMIZERS[spec](), params, lr=cfg.lr, **extra, **cfg.args)
     else:
         opt = call_plugin(spec, "--optimizer", load_attr(spec, "--optimizer"), params, lr=cfg.lr, **cfg.args)
     if not isinstance(opt, torch.optim.Optimizer):

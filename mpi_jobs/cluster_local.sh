@@ -54,7 +54,7 @@ up() {
   [[ "${1:-}" =~ ^[1-9][0-9]*$ ]] && [ "$1" -le $MAXN ] || die "up needs a host count 1..$MAXN, got '${1:-}'; e.g. up 2"
   local n="$1" k ns
   if [ -n "$(hosts)" ] || ip link show $BR >/dev/null 2>&1 || [ -e "$STATE" ]; then
-    die "a cluster is already up (namespaces $(hosts | tr '\n' ' ')or $STATE exist); run \`$0 down\` first"
+    die "a cluster is already up (hosts: $(hosts | tr '\n' ' ')bridge $BR or state folder $STATE exists); run \`$0 down\` first"
   fi
   [ -x "$VENV/bin/python" ] || die "no virtualenv at $VENV (ranks need it); run \`make install\` or set HVDTRAIN_VENV"
   if [ ! -x /usr/sbin/sshd ]; then
@@ -97,6 +97,7 @@ EOF
   chmod +x "$STATE/bin/ssh" "$STATE/bin/orted"
   # horovodrun caches its ssh and interface checks in ~/.horovod; remove it on `down` if we caused it.
   [ -e "$HOME/.horovod" ] || touch "$STATE/remove-horovod-cache"
+  [ -e "$HOME/.ssh/known_hosts" ] || touch "$STATE/remove-known-hosts"
   { printf '127.0.0.1 localhost\n::1 localhost ip6-localhost ip6-loopback\n%s.254 hvd-launcher\n' $NET
     for k in $(seq 1 "$n"); do echo "$NET.$k hvd-h$k"; done; } >"$STATE/hosts"
 
@@ -121,6 +122,7 @@ PidFile $STATE/sshd-$ns.pid
 AuthorizedKeysFile $STATE/authorized_keys
 # root, with the cluster key only (StrictModes off: the state folder sits under world-writable /tmp)
 PermitRootLogin prohibit-password
+AllowUsers root
 AuthenticationMethods publickey
 PasswordAuthentication no
 KbdInteractiveAuthentication no
@@ -178,6 +180,7 @@ shape() {
       *) die "shape: unknown argument '$1'; $usage" ;;
     esac
   done
+  rate="${rate,,}"  # tc takes 1Gbit as 1gbit
   [[ "$rate" =~ ^[0-9]+(\.[0-9]+)?([kmgt]?bit|[kmgt]?bps)$ ]] || die "shape --rate '$rate' is not a tc rate; use e.g. --rate 1gbit, 10gbit, 500mbit"
   [ -z "$delay" ] || [[ "$delay" =~ ^[0-9]+(\.[0-9]+)?(us|ms|s)$ ]] || die "shape --delay '$delay' is not a tc time; use e.g. --delay 0.5ms"
   [ -n "$(hosts)" ] || die "no cluster is up; run \`$0 up N\` first"
@@ -186,7 +189,8 @@ shape() {
     # Each host's egress: every packet between two hosts crosses exactly one shaped queue.
     in_ns "$ns" tc qdisc del dev hvd0 root 2>/dev/null || true
     in_ns "$ns" tc qdisc add dev hvd0 root handle 1: htb default 10
-    in_ns "$ns" tc class add dev hvd0 parent 1: classid 1:10 htb rate "$rate" ceil "$rate"
+    # quantum: only one class, so its size does not matter; set it to silence the "big quantum" warning
+    in_ns "$ns" tc class add dev hvd0 parent 1: classid 1:10 htb rate "$rate" ceil "$rate" quantum 60000
     if [ -n "$delay" ] && ! in_ns "$ns" tc qdisc add dev hvd0 parent 1:10 handle 10: netem delay "$delay" 2>/dev/null; then
       delay_ok=0
     fi
@@ -212,6 +216,8 @@ forget_hosts() {
     done
   done
   [ $old = 1 ] || rm -f "$kh.old"  # ssh-keygen -R leaves a backup; keep only one the user had
+  # An ssh outside the cluster's config created it for our hosts alone: remove it when empty.
+  if [ -e "$STATE/remove-known-hosts" ] && [ ! -s "$kh" ]; then rm -f "$kh"; fi
 }
 
 down() {
