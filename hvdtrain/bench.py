@@ -1,10 +1,10 @@
-"""`hvdtrain bench allreduce|train`: benchmarks that print a table and write JSON (and a plot)."""
+"""`hvdtrain bench allreduce|train|fit`: benchmarks that print a table and write JSON (and a plot)."""
 from __future__ import annotations
 
 import importlib
 import sys
 
-KINDS = {"allreduce": "hvdtrain.bench_allreduce", "train": "hvdtrain.bench_train"}
+KINDS = {"allreduce": "hvdtrain.bench_allreduce", "train": "hvdtrain.bench_train", "fit": "hvdtrain.bench_fit"}
 
 
 def main(argv: list[str]) -> int:
