@@ -67,6 +67,24 @@ def overrides_from(args: argparse.Namespace) -> dict[str, Any]:
     return overrides_from_kwargs({k: v for k, v in given.items() if v is not None})
 
 
+class _Raising(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise ConfigError(f"{message}; see `hvdtrain train --help`")
+
+
+def check_train_args(argv: list[str]) -> None:
+    """Validate `hvdtrain train` arguments without running anything (ConfigError if bad)."""
+    parser = _Raising(prog="hvdtrain train", add_help=False)
+    add_train_flags(parser)
+    args = parser.parse_args(argv)
+    cfg = load_config(args.config, overrides_from(args))
+    from hvdtrain.plugins import is_spec, load_attr
+    for flag, value in (("--model", cfg.model.name), ("--data", cfg.data.path), ("--loss", cfg.loss),
+                        ("--optimizer", cfg.optim.name), ("--backend", cfg.sync.backend)):
+        if is_spec(value):
+            load_attr(value, flag)  # imports the plug-in: a missing module or name is found now
+
+
 class StopFlag:
     """SIGTERM / SIGUSR1 (Slurm's --signal, a time limit, preemption) ask for a clean stop."""
 
@@ -144,7 +162,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_data_make(args: argparse.Namespace) -> int:
     from hvdtrain.data import make_dataset
     try:
-        folder = make_dataset(args.name, args.out, rows=args.rows, seed=args.seed)
+        if args.rows < 1 or args.seed < 0:
+            bad = f"--rows {args.rows}" if args.rows < 1 else f"--seed {args.seed}"
+            raise ConfigError(f"{bad} is out of range; use --rows >= 1 and --seed >= 0")
+        folder = make_dataset(args.name, args.out, rows=args.rows, seed=args.seed, overwrite=args.overwrite)
     except ConfigError as exc:
         return _fail(str(exc), 0, 1, None, EXIT_USAGE)
     except OSError as exc:
@@ -170,6 +191,7 @@ def build_parser() -> Parser:
     make.add_argument("--rows", type=int, default=100_000)
     make.add_argument("--seed", type=int, default=0)
     make.add_argument("--out", required=True)
+    make.add_argument("--overwrite", action="store_true", help="replace an existing folder at --out")
     make.set_defaults(func=cmd_data_make)
     for name, (_, text) in FORWARDED.items():  # listed for --help; parsed by their own modules
         sub.add_parser(name, help=text)

@@ -14,6 +14,9 @@ from typing import Any
 
 from hvdtrain import data as D
 from hvdtrain import tables
+from hvdtrain.cli import check_train_args
+from hvdtrain.errors import ConfigError
+from hvdtrain.plugins import is_spec
 from hvdtrain.checkpoint import atomic_write_text
 from hvdtrain.launch import horovodrun_cmd, mpirun_cmd, run
 from hvdtrain.strategies import Variant as Strategy, variants
@@ -84,29 +87,43 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> int:
     args, train_args = build_parser().parse_known_args(argv)
-    if args.np < 1:
-        sys.stderr.write(f"hvdtrain: error: --np must be >= 1, got {args.np}; use e.g. --np 2\n")
+    if args.np < 1 or args.rows < 1 or args.seed < 0:
+        bad = "--np" if args.np < 1 else "--rows" if args.rows < 1 else "--seed"
+        sys.stderr.write(f"hvdtrain: error: {bad} must be >= {0 if bad == '--seed' else 1}, got "
+                         f"{getattr(args, bad[2:])}; e.g. --np 2 --rows 100000 --seed 0\n")
         return 2
     try:
         ks = [int(k) for k in args.sync_every.split(",") if k.strip()]
+        if not ks or min(ks) < 1:
+            raise ValueError
     except ValueError:
         sys.stderr.write(f"hvdtrain: error: --sync-every {args.sync_every!r} must be integers like 1,4,16\n")
         return 2
     out = Path(args.out)
-    folder = Path(args.data)
+    runs = strategies(ks, args.alpha, args.mpi_allreduce)
+    try:  # every run's settings, validated here before anything is launched or written
+        for s in runs:
+            check_train_args(["--data", args.data, "--rows", str(args.rows), "--seed", str(args.seed),
+                              *train_args, *s.flags, "--out", str(out)])
+        if args.data not in D.BUILTINS and not is_spec(args.data):
+            D.describe(args.data)
+    except ConfigError as exc:
+        sys.stderr.write(f"hvdtrain: error: {exc}\n")
+        return 2
+    folder: Path | str = args.data
     if args.data in D.BUILTINS:
         folder = D.builtin_folder(out, args.data, args.rows, args.seed)
         if not (folder / "meta.json").is_file():
             D.make_dataset(args.data, folder, rows=args.rows, seed=args.seed)
     common = ["--data", str(folder), "--seed", str(args.seed), *train_args]
     results = []
-    for s in strategies(ks, args.alpha, args.mpi_allreduce):
+    for s in runs:
         try:
             results.append(run_strategy(s, args.np, out, common, args.timeout))
         except RuntimeError as exc:
             sys.stderr.write(f"hvdtrain: error: run {exc}; see {out}/logs\n")
             return 1
-    title = f"hvdtrain compare: {args.np} ranks, data {folder.name}, seed {args.seed}"
+    title = f"hvdtrain compare: {args.np} ranks, data {Path(str(folder)).name}, seed {args.seed}"
     table = format_table(results)
     print(f"\n{title}\n{table}")
     atomic_write_text(json.dumps({"np": args.np, "data": str(folder), "train_args": common,

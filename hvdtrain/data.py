@@ -201,11 +201,16 @@ def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
 
 
 def make_dataset(name: str, out: str | Path, rows: int = 100_000, seed: int = 0,
-                 eval_fraction: float = 0.1) -> Path:
-    """Write a built-in set to `out` atomically (temp folder + rename) and return the folder."""
+                 eval_fraction: float = 0.1, overwrite: bool = False) -> Path:
+    """Write a built-in set to `out` atomically (temp folder + rename) and return the folder.
+    An existing `out` is refused unless `overwrite` (then replaced only once the new set is whole)."""
     out = Path(out)
     if name not in BUILTINS:
         raise ConfigError(f"built-in data set {name!r} is unknown; use one of {', '.join(BUILTINS)}")
+    if not isinstance(rows, int) or rows < 1 or not isinstance(seed, int) or seed < 0:
+        raise ConfigError(f"rows must be >= 1 and seed >= 0, got rows {rows!r}, seed {seed!r}; fix the value")
+    if out.exists() and not overwrite:
+        raise ConfigError(f"{str(out)!r} already exists; pass --overwrite to replace it, or choose another --out")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
@@ -225,6 +230,10 @@ def make_dataset(name: str, out: str | Path, rows: int = 100_000, seed: int = 0,
             meta = {"name": name, "task": "classification", "n_classes": 10, "rows": len(tr),
                     "eval_rows": len(ev), "seed": seed, "source": "UCI optical digits via scikit-learn"}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+        if overwrite and out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
+            os.rename(out, old / "data")
+            shutil.rmtree(old, ignore_errors=True)
         try:
             os.rename(tmp, out)
         except OSError:  # another process made it first, or an old copy is there: keep theirs

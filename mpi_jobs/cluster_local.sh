@@ -13,7 +13,7 @@
 # rendezvous address of its own namespace by that name. Only 198.18.0.0/24 (RFC 2544's
 # benchmarking range) is used, only on interfaces made here; no traffic leaves the machine.
 #
-# `up` prints export lines on stdout (all else goes to stderr):
+# `up` prints export lines on stdout, also kept in STATE/env (all else goes to stderr):
 #   HOSTS, HOSTFILE         the hosts for horovodrun -H / mpirun --hostfile
 #   PATH                    STATE/bin (an `ssh` that adds `-F STATE/ssh_config`, so horovodrun
 #                           reaches the hosts with the cluster key and without writing
@@ -149,12 +149,14 @@ EOF
   done
   trap - ERR
   say "up: $n hosts ($hosts_list), state in $STATE"
-  echo "export HOSTS=$hosts_list"
-  printf 'export %s=%q\n' HVDTRAIN_CLUSTER_DIR "$STATE" HOSTFILE "$STATE/hostfile" \
-    OMPI_MCA_plm_rsh_agent "$STATE/bin/ssh" OMPI_MCA_orte_launch_agent "$STATE/bin/orted" \
-    OMPI_MCA_btl_tcp_if_include $NET.0/24 \
-    OMPI_MCA_oob_tcp_if_include $NET.0/24 OMPI_ALLOW_RUN_AS_ROOT 1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM 1
-  printf 'export PATH=%q:%q:"$PATH"\n' "$STATE/bin" "$VENV/bin"
+  # The same lines stay in STATE/env, for shells that did not eval them (`source STATE/env`).
+  { echo "export HOSTS=$hosts_list"
+    printf 'export %s=%q\n' HVDTRAIN_CLUSTER_DIR "$STATE" HOSTFILE "$STATE/hostfile" \
+      OMPI_MCA_plm_rsh_agent "$STATE/bin/ssh" OMPI_MCA_orte_launch_agent "$STATE/bin/orted" \
+      OMPI_MCA_btl_tcp_if_include $NET.0/24 \
+      OMPI_MCA_oob_tcp_if_include $NET.0/24 OMPI_ALLOW_RUN_AS_ROOT 1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM 1
+    printf 'export PATH=%q:%q:"$PATH"\n' "$STATE/bin" "$VENV/bin"; } >"$STATE/env"
+  cat "$STATE/env"
 }
 
 status() {

@@ -185,6 +185,7 @@ def test_up_exports_the_launch_environment(cluster):
     assert env["OMPI_MCA_btl_tcp_if_include"] == env["OMPI_MCA_oob_tcp_if_include"] == "198.18.0.0/24"
     assert env["HVDTRAIN_CLUSTER_DIR"] == str(cluster.state)
     assert env["OMPI_MCA_plm_rsh_agent"].startswith(str(cluster.state))
+    assert exported_env((cluster.state / "env").read_text()) == env  # `source STATE/env` does the same
 
 
 def test_up_twice_is_refused_with_the_fix(cluster):
