@@ -36,3 +36,35 @@ def test_malformed_toml(tmp_path):
     path.write_text("epochs = = 3\n")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_config(str(path))
+
+
+def test_every_setting_is_defined_once_with_a_flag_a_keyword_and_a_docstring():
+    import dataclasses
+
+    from hvdtrain.cli import build_parser
+    from hvdtrain.config import SECTIONS, SETTINGS, TrainConfig
+    fields = [(None, f.name) for f in dataclasses.fields(TrainConfig) if f.name not in SECTIONS]
+    fields += [(sec, f.name) for sec, cls in SECTIONS.items() for f in dataclasses.fields(cls)]
+    assert sorted(fields, key=str) == sorted(((s.section, s.key) for s in SETTINGS), key=str)
+    assert len({s.flag for s in SETTINGS}) == len(SETTINGS) and len({s.kwarg for s in SETTINGS}) == len(SETTINGS)
+    assert all(len(s.help) > 10 for s in SETTINGS), [s.flag for s in SETTINGS if len(s.help) <= 10]
+    train_help = build_parser()._subparsers._group_actions[0].choices["train"].format_help()
+    assert all(s.flag in train_help for s in SETTINGS)
+
+
+def test_fit_keywords_map_to_the_toml_shape_and_name_the_nearest_key():
+    from hvdtrain.config import overrides_from_kwargs
+    assert overrides_from_kwargs({"sync_every": 4, "epochs": 2, "optimizer_args": {"eps": 1e-6}}) == {
+        "sync": {"sync_every": 4}, "epochs": 2, "optim": {"args": {"eps": 1e-6}}}
+    with pytest.raises(ConfigError, match="unknown setting 'batchsize' \\(did you mean 'batch_size'\\?\\)"):
+        overrides_from_kwargs({"batchsize": 3})
+
+
+def test_toml_model_args_table(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text('[model]\nname = "mypkg.nets:Net"\n[model.args]\nwidth = 8\n')
+    cfg = load_config(str(path))
+    assert (cfg.model.name, cfg.model.args) == ("mypkg.nets:Net", {"width": 8})
+    path.write_text('[model]\nargs = 3\n')
+    with pytest.raises(ConfigError, match="model.args must be a table"):
+        load_config(str(path))
