@@ -12,6 +12,7 @@
 #   HVDTRAIN_HOROVOD_SDIST a local horovod-0.28.1.tar.gz to build from (no download)
 #   HVDTRAIN_WITH_MPI     0 = build Horovod without MPI (Gloo controller only; no Open MPI needed)
 #   HVDTRAIN_EXTRAS       0 = skip the test/plot extras (pytest, scikit-learn, matplotlib, hadolint)
+#   HVDTRAIN_VISION       0 = do not try torchvision (optional: the torchvision example models)
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -167,6 +168,30 @@ else
   "${PIP[@]}" --force-reinstall --no-deps "$wheel_dir"/horovod-*.whl
   "${PIP[@]}" cloudpickle psutil pyyaml packaging
   echo "$key" > "$stamp"
+fi
+
+# --- 3b. torchvision (optional), the release matched to this torch -------------------
+# torchvision 0.X pairs with torch 2.(X-15). It is kept only if it imports: PyPI's wheels are
+# built against PyPI's (CUDA) torch, and beside another build of the same torch their C++ ops
+# fail to load. A failed try is remembered per torch version, so `make` stays fast.
+vision_stamp="$VENV/.torchvision-unavailable-$key"
+if [ "${HVDTRAIN_VISION:-1}" != 1 ]; then
+  say "skipped: torchvision (HVDTRAIN_VISION=0)"
+elif "$PY" -c 'import torchvision' 2>/dev/null; then
+  say "ok: torchvision $("$PY" -c 'import torchvision; print(torchvision.__version__)')"
+elif [ -f "$vision_stamp" ]; then
+  say "ok: torchvision unavailable for this torch build ($(cat "$vision_stamp")); examples use hvdtrain.examples.resnet"
+else
+  tv="$("$PY" -c 'import torch; major, minor = torch.__version__.split("+")[0].split(".")[:2]; print("0.%d.*" % (int(minor) + 15))')"
+  changed "trying torchvision==$tv (matched to this torch)"
+  if "${PIP[@]}" --no-deps "torchvision==$tv" && "$PY" -c 'import torchvision.models' 2>/dev/null; then
+    say "ok: torchvision $("$PY" -c 'import torchvision; print(torchvision.__version__)')"
+  else
+    why="$("$PY" -c 'import torchvision' 2>&1 | tail -1 || true)"
+    "$PY" -m pip uninstall -q -y torchvision >/dev/null 2>&1 || true
+    echo "torchvision==$tv: ${why:-not installable}" > "$vision_stamp"
+    say "skipped: torchvision==$tv does not import beside this torch build (${why:-not installable}); examples use hvdtrain.examples.resnet"
+  fi
 fi
 
 # --- 4. hvdtrain itself, editable ------------------------------------------------

@@ -92,6 +92,7 @@ class Cluster:
     n: int
     state: Path
     env: dict[str, str]  # the launcher environment after `eval "$(cluster_local.sh up N)"`
+    exports: str  # what `up` printed
 
     @property
     def hosts(self) -> list[str]:
@@ -170,7 +171,7 @@ def cluster(request, tmp_path_factory):
     try:
         assert up.returncode == 0, f"up failed:\n{up.stderr}"
         print(f"cluster of {n} up in {time.monotonic() - started:.1f} s", file=sys.stderr)
-        yield Cluster(n, state, exported_env(up.stdout))
+        yield Cluster(n, state, exported_env(up.stdout), up.stdout)
     finally:
         down = cluster_script("down", state=state)
         assert down.returncode == 0, down.stderr
@@ -185,7 +186,7 @@ def test_up_exports_the_launch_environment(cluster):
     assert env["OMPI_MCA_btl_tcp_if_include"] == env["OMPI_MCA_oob_tcp_if_include"] == "198.18.0.0/24"
     assert env["HVDTRAIN_CLUSTER_DIR"] == str(cluster.state)
     assert env["OMPI_MCA_plm_rsh_agent"].startswith(str(cluster.state))
-    assert exported_env((cluster.state / "env").read_text()) == env  # `source STATE/env` does the same
+    assert (cluster.state / "env").read_text() == cluster.exports  # `source STATE/env` does the same
 
 
 def test_up_twice_is_refused_with_the_fix(cluster):

@@ -182,3 +182,31 @@ def test_bad_plugin_two_ranks_ends_every_rank(user_dir):
     errors = [line for line in result.stdout.splitlines() if "hvdtrain: error" in line]
     assert len(errors) == 1 and "failed on a batch of data mymod:data" in errors[0], result.stdout[-2000:]
     assert "Traceback" not in result.stdout
+
+
+def test_example_resnet18_is_torchvisions_architecture():
+    from hvdtrain.examples.resnet import resnet18
+    model = resnet18()
+    # torchvision's weights metadata for resnet18: num_params 11,689,512
+    assert sum(p.numel() for p in model.parameters()) == 11_689_512
+    # 20 convolutions (1 stem + 16 in blocks + 3 downsample), 20 BatchNorms (2 parameters + 3
+    # buffers each), fc weight and bias
+    assert len(model.state_dict()) == 20 + 20 * 5 + 2
+    assert model(torch_randn(2, 3, 32, 32)).shape == (2, 1000)
+
+
+def torch_randn(*shape):
+    import torch
+    return torch.randn(*shape)
+
+
+@pytest.mark.mpi
+def test_example_resnet18_on_generated_images_two_ranks(tmp_path):
+    env = launcher_env({"HVDTRAIN_IMAGES": "64", "HVDTRAIN_IMAGE_SIZE": "16"})
+    argv = ["hvdtrain", "train", "--backend", "horovod", "--model", "hvdtrain.examples.resnet:resnet18",
+            "--model-args", '{"num_classes": 10}', "--data", "hvdtrain.examples.images:image_datasets",
+            "--batch-size", "8", "--epochs", "1", "--optimizer", "sgd", "--lr", "0.01", "--out", str(tmp_path / "o")]
+    result = run(horovodrun_cmd(2, argv), timeout=300, env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:]
+    summary = json.loads((tmp_path / "o" / "summary.json").read_text())
+    assert summary["parameters"] == 11_181_642 and summary["steps"] == 4 and "eval_accuracy" in summary
