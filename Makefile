@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 NP ?= 2
 OUT ?= runs/default
 
-.PHONY: install run test test-fast bench-allreduce bench-train doctor docker-smoke docker-lint slurm-up slurm-down test-slurm clean-runs
+.PHONY: install run test test-fast bench-allreduce bench-train doctor docker-smoke docker-lint slurm-up slurm-down test-slurm clean-runs cluster-up cluster-down bench-fit
 
 install:
 	@bash mpi_jobs/install.sh
@@ -46,6 +46,16 @@ slurm-down:
 
 test-slurm: install
 	$(PY) -m pytest tests/test_slurm.py -q
+
+# A local cluster of N network-namespace hosts with sshd (root); then `source` the env file it names.
+cluster-up:
+	bash mpi_jobs/cluster_local.sh up $(or $(N),2) >/dev/null && echo "now: source $${HVDTRAIN_CLUSTER_DIR:-/tmp/hvdtrain-cluster}/env"
+
+cluster-down:
+	bash mpi_jobs/cluster_local.sh down
+
+bench-fit: install
+	$(PY) -m hvdtrain bench fit --out runs/bench
 
 clean-runs:
 	rm -rf runs

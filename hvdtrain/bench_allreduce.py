@@ -10,6 +10,12 @@ and the slowest rank's time for that iteration (the collective is done when the 
 is); p50 over iterations. algbw = bytes / p50; busbw = algbw * 2(N-1)/N, the bytes each rank
 moves in a ring allreduce, so it compares with the link or memory bandwidth whatever N is.
 memcpy runs on one rank and reports busbw = algbw (a copy moves each byte once).
+
+Across hosts: `--hosts H1:slots,H2:slots` starts every MPI and Horovod job there (mpirun
+--host, horovodrun -H; memcpy stays on this host), the --out folder must be visible to every
+host at the same path, and the JSON meta records the hosts, `--label` and, on the local
+cluster (HVDTRAIN_CLUSTER_DIR set by mpi_jobs/cluster_local.sh), each host's link shaping
+as `tc` shows it.
 """
 from __future__ import annotations
 
@@ -17,6 +23,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import socket
 import subprocess
 import sys
@@ -24,13 +31,14 @@ import time
 from importlib import metadata
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import numpy as np
 
 from hvdtrain import tables
-from hvdtrain.comm.allreduce_impls import (DEFAULT_IMPLS, HVDTRAIN_CONFIGURED, IMPLS,
+from hvdtrain.comm.allreduce_impls import (DEFAULT_IMPLS, HVDTRAIN_CONFIGURED, IMPLS, BenchGroup,
                                               horovod_env_defaults, open_impl)
-from hvdtrain.launch import TIMEOUT_EXIT, horovodrun_cmd, launcher_env, run
+from hvdtrain.launch import TIMEOUT_EXIT, horovodrun_cmd, host_args, launcher_env, parse_hosts, run
 
 ROWS_FILE, JSON_FILE, PNG_FILE = "allreduce.rows.jsonl", "allreduce.json", "allreduce.png"
 
@@ -68,7 +76,7 @@ def run_worker(args: argparse.Namespace) -> int:
     """Inside every rank of one job: time each size, rank 0 appends the rows."""
     import torch
     torch.set_num_threads(1)  # one compute thread per rank: ranks share the cores
-    group = open_impl(args.worker, chunk_bytes=args.chunk_bytes, port=args.port)
+    group = open_group(args)
     for nbytes in byte_sizes(args.min_bytes, args.max_bytes, args.factor):
         op = group.make_allreduce(nbytes)
         warm, timed = iterations(nbytes, args.iters, args.warmup)
@@ -91,18 +99,37 @@ def run_worker(args: argparse.Namespace) -> int:
     return 0
 
 
-def launch_command(impl: str, args: argparse.Namespace, port: int) -> list[str]:
-    """The command line that runs `impl` as a job of --np ranks (1 for memcpy)."""
+def open_group(args: argparse.Namespace) -> BenchGroup:
+    """open_impl, except that across hosts torch-gloo meets at rank 0's host (the first of
+    --hosts, mpirun fills hosts in order): allreduce_impls has it rendezvous at 127.0.0.1."""
+    if args.worker != "torch-gloo" or not args.master_addr:
+        return open_impl(args.worker, chunk_bytes=args.chunk_bytes, port=args.port)
+    import torch.distributed as dist
+    init = dist.init_process_group
+
+    def at_rank0(backend: str, init_method: str, **kwargs: Any) -> None:
+        init(backend, init_method=init_method.replace("//127.0.0.1:", f"//{args.master_addr}:"), **kwargs)
+
+    with mock.patch.object(dist, "init_process_group", at_rank0):
+        return open_impl(args.worker, chunk_bytes=args.chunk_bytes, port=args.port)
+
+
+def launch_command(impl: str, args: argparse.Namespace, port: int,
+                   env: dict[str, str] | None = None) -> list[str]:
+    """The command line that runs `impl` as a job of --np ranks (1 for memcpy, on this host)."""
     worker = ["-m", "hvdtrain.bench_allreduce", "--worker", impl, "--rows", str(args.rows),
               "--min-bytes", str(args.min_bytes), "--max-bytes", str(args.max_bytes),
               "--factor", str(args.factor), "--iters", str(args.iters), "--warmup",
               str(args.warmup), "--chunk-bytes", str(args.chunk_bytes), "--port", str(port)]
     if IMPLS[impl] == "local":
         return [sys.executable, *worker]
+    if args.hosts:
+        worker += ["--master-addr", args.hosts.split(",")[0].rsplit(":", 1)[0]]
     if IMPLS[impl] == "horovodrun":
-        return horovodrun_cmd(args.np, worker[1:], gloo=True)
+        return horovodrun_cmd(args.np, worker[1:], gloo=True, hosts=args.hosts)
     # `-m mpi4py`: an exception on one rank aborts the job instead of hanging the others.
-    return ["mpirun", "-np", str(args.np), *args.mpirun_args.split(), sys.executable,
+    where = host_args(args.hosts, env) if args.hosts else []
+    return ["mpirun", "-np", str(args.np), *where, *args.mpirun_args.split(), sys.executable,
             "-m", "mpi4py", *worker]
 
 
@@ -112,7 +139,18 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def job_env(impl: str) -> dict[str, str]:
+def rank_env_defaults(np: int | None = None, hosts: str | None = None) -> dict[str, str]:
+    """horovod_env_defaults() as the job's ranks compute it, for `np` ranks on `hosts`: the
+    settings measured on one host only go in when every rank lands on the first host."""
+    if not hosts or np is None:
+        return horovod_env_defaults()
+    on_first = min(np, int(hosts.split(",")[0].rsplit(":", 1)[1]))
+    ranks = {"OMPI_COMM_WORLD_SIZE": str(np), "OMPI_COMM_WORLD_LOCAL_SIZE": str(on_first)}
+    with mock.patch.dict(os.environ, ranks):
+        return horovod_env_defaults()
+
+
+def job_env(impl: str, np: int | None = None, hosts: str | None = None) -> dict[str, str]:
     """Root allowed, venv on PATH (launcher_env); one OpenMP thread; this hvdtrain importable.
     The implementations hvdtrain runs also get hvdtrain's rank environment
     (horovod_env_defaults, the user's values win); raw MPI, torch-gloo and the `-stock`
@@ -123,7 +161,7 @@ def job_env(impl: str) -> dict[str, str]:
     env = launcher_env({"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
                         "PYTHONPATH": os.pathsep.join(p for p in path if p)})
     if impl in HVDTRAIN_CONFIGURED:
-        for key, value in horovod_env_defaults().items():
+        for key, value in rank_env_defaults(np, hosts).items():
             env.setdefault(key, value)
     else:  # as a user would run it: none of hvdtrain's defaults unless they exported them
         for key in horovod_env_defaults():
@@ -148,6 +186,31 @@ def cpu_model() -> str:
     return names[0] if names else platform.processor()
 
 
+def link_shaping() -> dict[str, Any] | None:
+    """On the local cluster (HVDTRAIN_CLUSTER_DIR set by mpi_jobs/cluster_local.sh): each host's
+    queueing on its link `hvd0` as `tc qdisc/class show` print it, and the htb rate if shaped."""
+    if not os.environ.get("HVDTRAIN_CLUSTER_DIR"):
+        return None
+
+    def sh(*cmd: str) -> str:
+        try:
+            return subprocess.run(cmd, capture_output=True, text=True, timeout=30).stdout.strip()
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            return f"failed: {exc}"
+    names = [ln.split()[0] for ln in sh("ip", "netns", "list").splitlines() if re.match(r"hvd-h\d+\b", ln)]
+    hosts = {}
+    for ns in sorted(names, key=lambda n: int(n[5:])):
+        qdisc, cls = (sh("ip", "netns", "exec", ns, "tc", kind, "show", "dev", "hvd0")
+                      for kind in ("qdisc", "class"))
+        rate = re.search(r"\brate (\S+)", cls)
+        hosts[ns] = {"qdisc": qdisc, "class": cls, "rate": rate.group(1) if rate else None}
+    rates = {h["rate"] for h in hosts.values()}
+    summary = ("no cluster hosts" if not hosts else "unshaped" if rates == {None} else
+               f"htb rate {rates.pop()} per host" if len(rates) == 1 else
+               ", ".join(f"{ns} {h['rate'] or 'unshaped'}" for ns, h in hosts.items()))
+    return {"summary": summary, "hosts": hosts}
+
+
 def collect_meta(args: argparse.Namespace, failed: dict[str, str]) -> dict[str, Any]:
     cpu = cpu_model()
     try:
@@ -158,13 +221,14 @@ def collect_meta(args: argparse.Namespace, failed: dict[str, str]) -> dict[str, 
     return {"host": socket.gethostname(), "cores": os.cpu_count(), "cpu": cpu,
             "python": platform.python_version(), "torch": version("torch"),
             "numpy": version("numpy"), "horovod": version("horovod"), "mpi4py": version("mpi4py"),
-            "mpi": mpi, "impls": args.impls, "failed": failed,
+            "mpi": mpi, "impls": args.impls, "failed": failed, "hosts": args.hosts or "local",
+            "label": args.label, "links": args.links,
             "settings": {"np": args.np, "min_bytes": args.min_bytes, "max_bytes": args.max_bytes,
                          "factor": args.factor, "iters": args.iters, "warmup": args.warmup,
                          "chunk_bytes": args.chunk_bytes, "mpirun_args": args.mpirun_args,
                          "dtype": "float32", "op": "sum, in place", "torch_threads": 1,
                          "job_env": {k: os.environ.get(k, v)
-                                     for k, v in horovod_env_defaults().items()},
+                                     for k, v in rank_env_defaults(args.np, args.hosts).items()},
                          "job_env_note": f"given to {', '.join(sorted(HVDTRAIN_CONFIGURED))}"}}
 
 
@@ -181,6 +245,14 @@ def print_table(rows: list[dict[str, Any]]) -> None:
     print(tables.format_table(COLUMNS, shown))
 
 
+def where(meta: dict[str, Any]) -> str:
+    """np, hosts and link conditions, for the table and plot titles."""
+    hosts = meta["host"] if meta["hosts"] == "local" else meta["hosts"]
+    links = meta["links"]["summary"] if meta["links"] else None
+    extra = ", ".join(x for x in (links, meta["label"]) if x)
+    return f"np={meta['settings']['np']} on {hosts}" + (f", links {extra}" if extra else "")
+
+
 def plot(rows: list[dict[str, Any]], meta: dict[str, Any], path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -195,8 +267,7 @@ def plot(rows: list[dict[str, Any]], meta: dict[str, Any], path: Path) -> None:
     ax.set_yscale("log")  # small messages are latency-bound: GB/s spans decades
     ax.set_xlabel("message size (bytes, float32, in place)")
     ax.set_ylabel("bus bandwidth (GB/s) = algbw x 2(N-1)/N")
-    ax.set_title(f"allreduce busbw, np={meta['settings']['np']} on {meta['host']} "
-                 f"({meta['cores']} cores, {meta['cpu']})", fontsize=9)
+    ax.set_title(f"allreduce busbw, {where(meta)} ({meta['cores']} cores, {meta['cpu']})", fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -219,6 +290,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--mpirun-args", default="--oversubscribe --bind-to none",
                    help="extra mpirun flags for the MPI jobs")
     p.add_argument("--timeout", type=float, default=900, help="seconds per job before it is killed")
+    p.add_argument("--hosts", help="run the MPI and Horovod jobs across hosts H1:slots,H2:slots "
+                   "(memcpy stays here); --out must be visible to every host at the same path")
+    p.add_argument("--label", help="what the JSON and plot title say about the links (e.g. '1 GbE')")
+    p.add_argument("--master-addr", help=argparse.SUPPRESS)
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--rows", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
@@ -229,6 +304,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         p.error(f"unknown --impls {unknown} (choose from {', '.join(IMPLS)})" if unknown
                 else f"--np must be >= 1, got {args.np}")
     byte_sizes(args.min_bytes, args.max_bytes, args.factor)  # validate early, with the values
+    if args.hosts is not None:
+        args.hosts = parse_hosts(args.hosts, args.np)  # ValueError: one line, exit 2, nothing launched
     return args
 
 
@@ -245,12 +322,14 @@ def main(argv: list[str]) -> int:
     (args.out / "logs").mkdir(exist_ok=True)
     args.rows = (args.out / ROWS_FILE).resolve()
     args.rows.write_text("")
+    args.links = link_shaping()  # the conditions the jobs start under
     failed: dict[str, str] = {}
     for impl in args.impls:
         log = args.out / "logs" / f"{impl}.log"
-        cmd = launch_command(impl, args, free_port())
+        env = job_env(impl, args.np, args.hosts)
+        cmd = launch_command(impl, args, free_port(), env)
         print(f"[bench] {impl}: {' '.join(cmd[:6])} ...", flush=True)
-        result = run(cmd, timeout=args.timeout, env=job_env(impl))  # kills the whole job on timeout
+        result = run(cmd, timeout=args.timeout, env=env)  # kills the whole job on timeout
         log.write_text(result.stdout)
         if result.returncode != 0:
             why = f"timed out after {args.timeout:.0f} s" if result.returncode == TIMEOUT_EXIT \
@@ -260,6 +339,7 @@ def main(argv: list[str]) -> int:
     rows = [json.loads(line) for line in args.rows.read_text().splitlines() if line.strip()]
     meta = collect_meta(args, failed)
     (args.out / JSON_FILE).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+    print(f"[bench] allreduce busbw, {where(meta)}")
     print_table(rows)
     if rows:
         plot(rows, meta, args.out / PNG_FILE)

@@ -91,20 +91,57 @@ def rank_state(model: Any, optimizer: Any, extras: dict[str, Any]) -> dict[str, 
 
 
 def save_run(out: str | Path, comm: Any, strategy: Any, model: Any, optimizer: Any, step: int,
-             extras: dict[str, Any]) -> Path | None:
-    """Rank 0 writes one copy when replicas agree, else every rank's state (gathered)."""
+             extras: dict[str, Any], layout: dict[str, Any]) -> Path | None:
+    """Rank 0 writes one copy when replicas agree, else every rank's state (gathered). `layout`
+    (steps_per_epoch, weights) lets a run resume at another world size."""
     mine = rank_state(model, optimizer, extras)
     states = [mine] if strategy.replicas_identical else comm.gather_object(mine)
     if comm.rank != 0:
         return None
     payload = {"step": step, "world_size": comm.size, "backend": strategy.name,
-               "fingerprint": fingerprint(model), "ranks": states}
+               "fingerprint": fingerprint(model), "ranks": states, **layout}
     return save_checkpoint(Path(out) / "checkpoints", step, payload)
 
 
+def _mix(values: list[Any], weights: list[float]) -> Any:
+    """Weighted mean of matching floating tensors (nested in dicts/lists); anything else: rank 0's."""
+    first = values[0]
+    if isinstance(first, torch.Tensor):
+        if not first.is_floating_point():
+            return first
+        return sum(w * v.double() for w, v in zip(weights, values)).to(first.dtype)
+    if isinstance(first, dict):
+        return {k: _mix([v[k] for v in values], weights) if all(k in v for v in values) else first[k]
+                for k in first}
+    if isinstance(first, (list, tuple)) and all(isinstance(v, type(first)) and len(v) == len(first) for v in values):
+        return type(first)(_mix([v[i] for v in values], weights) for i in range(len(first)))
+    return first
+
+
+def combine_states(states: list[dict[str, Any]], weights: list[float]) -> dict[str, Any]:
+    """One state from every rank's (MPI fallback, resumed at another world size): parameters,
+    buffers and optimizer moments averaged with the run's averaging weights w_j (the same rule as
+    a sync), step counters, RNG and schedules from rank 0."""
+    combined = dict(states[0])
+    combined["model"] = _mix([s["model"] for s in states], weights)
+    combined["optimizer"] = {"state": _mix([s["optimizer"]["state"] for s in states], weights),
+                             "param_groups": states[0]["optimizer"]["param_groups"]}
+    return combined
+
+
+def resume_step(step: int, old_steps_per_epoch: int, new_steps_per_epoch: int) -> int:
+    """The same point of the same epoch when the world size (so steps per epoch) changed."""
+    if old_steps_per_epoch == new_steps_per_epoch or old_steps_per_epoch <= 0:
+        return step
+    epoch, done = divmod(step, old_steps_per_epoch)
+    return epoch * new_steps_per_epoch + (done * new_steps_per_epoch) // old_steps_per_epoch
+
+
 def restore_run(out: str | Path, comm: Any, strategy: Any, model: Any, optimizer: Any,
-                extras: dict[str, Any]) -> tuple[int, bool]:
-    """Rank 0 loads the newest checkpoint and broadcasts it; returns (step, per_rank_state)."""
+                extras: dict[str, Any], steps_per_epoch: int) -> tuple[int, bool]:
+    """Rank 0 loads the newest checkpoint and broadcasts it; returns (step, per_rank_state).
+    At another world size, per-rank states are combined into one (combine_states) and the step
+    moves to the same point of the same epoch."""
     ckpt: dict[str, Any] | str | None = None
     if comm.rank == 0:
         path = latest_checkpoint(Path(out) / "checkpoints")
@@ -117,8 +154,9 @@ def restore_run(out: str | Path, comm: Any, strategy: Any, model: Any, optimizer
                 raise ConfigError(f"checkpoint {str(path)!r} was written for another model; resume with "
                                   f"the same --model/--hidden or choose another --out")
             if len(ckpt["ranks"]) > 1 and ckpt["world_size"] != comm.size:
-                raise ConfigError(f"checkpoint {str(path)!r} holds {ckpt['world_size']} ranks' state but "
-                                  f"{comm.size} ranks were started; use -np {ckpt['world_size']}")
+                weights = ckpt.get("weights") or [1 / len(ckpt["ranks"])] * len(ckpt["ranks"])
+                ckpt["ranks"] = [combine_states(ckpt["ranks"], weights)]
+            ckpt["step"] = resume_step(int(ckpt["step"]), int(ckpt.get("steps_per_epoch", 0)), steps_per_epoch)
         except ConfigError as exc:
             ckpt = str(exc)
     ckpt = comm.broadcast_object(ckpt)  # hvdtrain: rank 0's checkpoint to every rank

@@ -1,7 +1,10 @@
 """`hvdtrain compare`: the same job under each strategy, side by side.
 
 It writes the data once, launches each run itself (horovodrun for Horovod, mpirun for the MPI
-fallback), then collects every run's summary.json into compare.json, report.md and a table.
+fallback), then collects every run's summary.json into compare.json, report.md and a table. With
+`--hosts H1:slots,H2:slots` every run is launched across those hosts (mpirun --host,
+horovodrun -H), so the strategies are compared over a network; the --out folder (the data
+set and the runs) must then be on a file system every host sees at the same path.
 """
 from __future__ import annotations
 
@@ -18,7 +21,7 @@ from hvdtrain.cli import check_train_args
 from hvdtrain.errors import ConfigError
 from hvdtrain.plugins import is_spec
 from hvdtrain.checkpoint import atomic_write_text
-from hvdtrain.launch import horovodrun_cmd, mpirun_cmd, run
+from hvdtrain.launch import horovodrun_cmd, mpirun_cmd, parse_hosts, run
 from hvdtrain.strategies import Variant as Strategy, variants
 
 
@@ -33,10 +36,12 @@ def _slug(label: str) -> str:
     return label.replace(" ", "_").replace("=", "")
 
 
-def run_strategy(s: Strategy, np: int, out: Path, train_args: list[str], timeout: float) -> dict[str, Any]:
+def run_strategy(s: Strategy, np: int, out: Path, train_args: list[str], timeout: float,
+                 hosts: str | None = None) -> dict[str, Any]:
     run_dir = out / "runs" / _slug(s.label)
     argv = ["hvdtrain", "train", *train_args, *s.flags, "--out", str(run_dir), "--overwrite"]
-    cmd = horovodrun_cmd(np, argv) if s.launcher == "horovodrun" else mpirun_cmd(np, argv)
+    cmd = (horovodrun_cmd(np, argv, hosts=hosts) if s.launcher == "horovodrun"
+           else mpirun_cmd(np, argv, hosts=hosts))
     print(f"$ {' '.join(cmd)}", flush=True)
     result = run(cmd, timeout=timeout)
     (out / "logs").mkdir(parents=True, exist_ok=True)
@@ -82,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha", type=float, default=1.0)
     p.add_argument("--mpi-allreduce", default="native", choices=["native", "ring"])
     p.add_argument("--timeout", type=float, default=1800, help="seconds per run")
+    p.add_argument("--hosts", default=None,
+                   help="run across hosts H1:slots,H2:slots (mpirun --host, horovodrun -H); default: "
+                        "this host. --out must be on a file system all hosts see at the same path")
     return p
 
 
@@ -99,7 +107,12 @@ def main(argv: list[str]) -> int:
     except ValueError:
         sys.stderr.write(f"hvdtrain: error: --sync-every {args.sync_every!r} must be integers like 1,4,16\n")
         return 2
-    out = Path(args.out)
+    try:
+        hosts = None if args.hosts is None else parse_hosts(args.hosts, args.np)
+    except ValueError as exc:
+        sys.stderr.write(f"hvdtrain: error: {exc}\n")
+        return 2
+    out = Path(args.out).resolve()  # ranks (on other hosts too) get absolute paths
     runs = strategies(ks, args.alpha, args.mpi_allreduce)
     try:  # every run's settings, validated here before anything is launched or written
         for s in runs:
@@ -115,18 +128,22 @@ def main(argv: list[str]) -> int:
         folder = D.builtin_folder(out, args.data, args.rows, args.seed)
         if not (folder / "meta.json").is_file():
             D.make_dataset(args.data, folder, rows=args.rows, seed=args.seed)
+    elif not is_spec(args.data):
+        folder = Path(args.data).resolve()
     common = ["--data", str(folder), "--seed", str(args.seed), *train_args]
     results = []
     for s in runs:
         try:
-            results.append(run_strategy(s, args.np, out, common, args.timeout))
+            results.append(run_strategy(s, args.np, out, common, args.timeout, hosts))
         except RuntimeError as exc:
             sys.stderr.write(f"hvdtrain: error: run {exc}; see {out}/logs\n")
             return 1
-    title = f"hvdtrain compare: {args.np} ranks, data {Path(str(folder)).name}, seed {args.seed}"
+    where = f"on {hosts}" if hosts else "on this host"
+    title = f"hvdtrain compare: {args.np} ranks {where}, data {Path(str(folder)).name}, seed {args.seed}"
     table = format_table(results)
     print(f"\n{title}\n{table}")
-    atomic_write_text(json.dumps({"np": args.np, "data": str(folder), "train_args": common,
+    atomic_write_text(json.dumps({"np": args.np, "hosts": hosts or "local", "data": str(folder),
+                                  "train_args": common,
                                   "runs": [{k: r[k] for k in ("label", "command", "summary")} for r in results]},
                                  indent=2) + "\n", out / "compare.json")
     report = [f"# {title}", "", format_table(results, markdown=True), ""]

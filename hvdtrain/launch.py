@@ -1,11 +1,14 @@
 """Building and running launcher command lines (mpirun, horovodrun) from Python.
 
 Used by `hvdtrain compare`, the benchmarks and the tests: every job gets a timeout and runs in
-its own process group, so a hung rank is killed with the whole job.
+its own process group, so a hung rank is killed with the whole job. Without `hosts` every
+rank runs on this host; with `hosts` ("H1:slots,H2:slots", checked by parse_hosts) mpirun gets
+`--host` and horovodrun `-H`, and paths handed to the ranks must be visible on every host.
 """
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -31,22 +34,62 @@ def launcher_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def mpirun_args(np: int) -> list[str]:
-    """mpirun flags for np ranks on this host: allow more ranks than cores, do not pin to cores."""
-    return ["mpirun", "-np", str(np), "--oversubscribe", "--bind-to", "none"]
+FORWARD_VARS = ("PYTHONPATH", "PYTHONUNBUFFERED", "OMP_NUM_THREADS", "THP_MEM_ALLOC_ENABLE")
+"""What ranks on other hosts need from the launcher's environment: mpirun sends OMPI_* by
+itself and the rest only with `-x` (horovodrun forwards its whole environment)."""
+_HOST = re.compile(r"[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?")
 
 
-def mpirun_cmd(np: int, argv: Sequence[str], python_module: bool = True) -> list[str]:
+def parse_hosts(hosts: str, np: int | None = None) -> str:
+    """Check `H1:slots,H2:slots` (`H` alone is one slot) and return it with every slot count
+    written out, as mpirun --host and horovodrun -H take it. With `np`, the slots must hold np
+    ranks: across hosts a rank too many is refused rather than oversubscribed.
+    ValueError names the bad entry and the fix."""
+    fix = "use e.g. --hosts 198.18.0.1:1,198.18.0.2:1 (HOST:SLOTS, comma-separated)"
+    entries: dict[str, int] = {}
+    for entry in hosts.split(","):
+        name, colon, slots = entry.strip().partition(":")
+        if not _HOST.fullmatch(name) or (colon and not (re.fullmatch("[0-9]+", slots) and int(slots) >= 1)):
+            raise ValueError(f"--hosts {hosts!r}: entry {entry!r} is not HOST or HOST:SLOTS with "
+                             f"SLOTS >= 1; {fix}")
+        if name in entries:
+            raise ValueError(f"--hosts {hosts!r} names {name!r} twice; give each host once "
+                             f"with its slot count; {fix}")
+        entries[name] = int(slots) if colon else 1
+    total = sum(entries.values())
+    if np is not None and np > total:
+        raise ValueError(f"--np {np} needs {np} slots but --hosts {hosts!r} gives {total}; "
+                         f"add slots (HOST:2) or hosts, or use --np {total}")
+    return ",".join(f"{h}:{n}" for h, n in entries.items())
+
+
+def host_args(hosts: str, env: dict[str, str] | None = None) -> list[str]:
+    """mpirun flags that place ranks on `hosts` and hand them FORWARD_VARS from `env`."""
+    env = launcher_env() if env is None else env
+    return ["--host", hosts, *(a for v in FORWARD_VARS if v in env for a in ("-x", v))]
+
+
+def mpirun_args(np: int, hosts: str | None = None, env: dict[str, str] | None = None) -> list[str]:
+    """mpirun flags for np ranks on this host (allow more ranks than cores), or on `hosts`
+    (see parse_hosts; `env` is the job's environment, default launcher_env()); never pinned."""
+    where = host_args(hosts, env) if hosts else ["--oversubscribe"]
+    return ["mpirun", "-np", str(np), *where, "--bind-to", "none"]
+
+
+def mpirun_cmd(np: int, argv: Sequence[str], python_module: bool = True, hosts: str | None = None) -> list[str]:
     """`mpirun ... python -m mpi4py -m <argv>`: an uncaught exception on one rank aborts all."""
     if python_module:
-        return mpirun_args(np) + [sys.executable, "-m", "mpi4py", "-m", *argv]
-    return mpirun_args(np) + list(argv)
+        return mpirun_args(np, hosts) + [sys.executable, "-m", "mpi4py", "-m", *argv]
+    return mpirun_args(np, hosts) + list(argv)
 
 
-def horovodrun_cmd(np: int, argv: Sequence[str], gloo: bool = False, python_module: bool = True) -> list[str]:
+def horovodrun_cmd(np: int, argv: Sequence[str], gloo: bool = False, python_module: bool = True,
+                   hosts: str | None = None) -> list[str]:
+    """horovodrun of np ranks on this host, or on `hosts` (see parse_hosts)."""
     exe = shutil.which("horovodrun", path=str(Path(sys.executable).parent)) or "horovodrun"
-    cmd = [exe, "-np", str(np), "-H", f"localhost:{np}"]
-    cmd += ["--gloo"] if gloo else ["--mpi", "--mpi-args=--oversubscribe --bind-to none"]
+    cmd = [exe, "-np", str(np), "-H", hosts or f"localhost:{np}"]
+    mpi_args = "--bind-to none" if hosts else "--oversubscribe --bind-to none"
+    cmd += ["--gloo"] if gloo else ["--mpi", f"--mpi-args={mpi_args}"]
     return cmd + ([sys.executable, "-m", *argv] if python_module else list(argv))
 
 

@@ -62,7 +62,7 @@ def _check_out(cfg: TrainConfig) -> None:
         raise ConfigError(f"output folder {str(out)!r} is not writable ({exc.strerror}); choose another --out") from None
     if not cfg.resume and not cfg.overwrite and latest_checkpoint(out / "checkpoints"):
         raise ConfigError(f"output folder {str(out)!r} holds checkpoints of an earlier run; pass --resume to "
-                          f"continue it, --overwrite to start over, or another --out")
+                          f"continue it (fit: resume=True), --overwrite (overwrite=True) to start over, or another --out")
 
 
 def _model_name(cfg: TrainConfig, job: Job) -> str:
@@ -140,14 +140,16 @@ def train(cfg: TrainConfig, strategy: SyncStrategy, stop_requested: Callable[[],
         loss_fn = build_loss(cfg.loss, job, data.shape.task)
         optimizer = build_optimizer(cfg.optim, job, model)
         _probe(model, loss_fn, data, cfg, _model_name(cfg, job), autocast)
-    optimizer = strategy.attach(model, optimizer, D.averaging_weights(data.sizes, cfg.sync.weights))
+    weights = D.averaging_weights(data.sizes, cfg.sync.weights)
+    optimizer = strategy.attach(model, optimizer, weights)
     with agreed(comm):
         scheduler = build_scheduler(cfg.optim, job, optimizer, total_steps)
     scaler = torch.amp.GradScaler("cuda") if cfg.amp == "fp16" else None
     extras = {"scheduler": scheduler, "scaler": scaler}
+    layout = {"steps_per_epoch": steps_epoch, "weights": weights}
     check_agreement(comm.allgather_object(  # hvdtrain: same config, model and data everywhere
         _startup_record(cfg, model, data)))
-    step, per_rank = restore_run(out, comm, strategy, model, optimizer, extras) if cfg.resume else (0, False)
+    step, per_rank = restore_run(out, comm, strategy, model, optimizer, extras, steps_epoch) if cfg.resume else (0, False)
     if not per_rank:
         with dog.guard("the start-up broadcast"):
             strategy.broadcast_state(model, optimizer)  # hvdtrain: every rank starts from rank 0's state
@@ -186,18 +188,18 @@ def train(cfg: TrainConfig, strategy: SyncStrategy, stop_requested: Callable[[],
                 window, window_start = [], time.perf_counter()
                 if stop:
                     with dog.guard(f"the checkpoint at step {step}"):
-                        path = save_run(out, comm, strategy, model, optimizer, step, extras)
+                        path = save_run(out, comm, strategy, model, optimizer, step, extras, layout)
                     log.close()
                     dog.close()
                     raise Preempted(step, path)
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
                 with dog.guard(f"the checkpoint at step {step}"):
-                    save_run(out, comm, strategy, model, optimizer, step, extras)
+                    save_run(out, comm, strategy, model, optimizer, step, extras, layout)
     train_seconds = time.perf_counter() - loop_start
     with dog.guard("the final synchronisation"):
         strategy.finish(model, step)  # hvdtrain: MPI fallback ends with one last average
         if not cfg.checkpoint_every or step % cfg.checkpoint_every:
-            save_run(out, comm, strategy, model, optimizer, step, extras)
+            save_run(out, comm, strategy, model, optimizer, step, extras, layout)
         evaluation = evaluate(model, loss_fn, data, comm, cfg.batch_size * 4, autocast)
         comm_s = comm.allreduce_sum(np.array([strategy.comm_seconds - comm0])) / size
     dog.close()

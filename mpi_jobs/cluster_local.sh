@@ -5,6 +5,7 @@
 #   mpirun -np 2 --hostfile "$HOSTFILE" hostname    # -> hvd-h1, hvd-h2
 #   horovodrun -np 2 -H "$HOSTS" [--gloo|--mpi] python train.py
 #   mpi_jobs/cluster_local.sh status | shape --rate 1gbit [--delay 0.5ms] | unshape | down
+#   eval "$(mpi_jobs/cluster_slurm.sh up)"          # two-node Slurm on the hosts (see that script)
 #
 # Host K is a network namespace hvd-hK whose interface `hvd0` (198.18.0.K/24) is a veth into the
 # bridge `hvd0` (198.18.0.254/24) in the root namespace, with its own sshd, hostname (UTS
@@ -224,6 +225,8 @@ forget_hosts() {
 
 down() {
   local ns pid f
+  # Slurm on the hosts (cluster_slurm.sh up): its slurmctld lives outside the hosts' namespaces.
+  [ ! -d "$STATE/slurm" ] || HVDTRAIN_CLUSTER_DIR="$STATE" bash "$ROOT/mpi_jobs/cluster_slurm.sh" down || true
   for f in "$STATE"/sshd-*.pid; do
     [ -e "$f" ] || continue
     # Only if that pid still is our sshd (a stale pid file may name another process by now).

@@ -6,11 +6,13 @@ for a rank that has given up.
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
 
 import pytest
+import torch
 
 UNDER_GLOO = os.environ.get("HOROVOD_CONTROLLER") == "gloo" or "HOROVOD_GLOO_RENDEZVOUS_ADDR" in os.environ
 UNDER_MPI = "OMPI_COMM_WORLD_SIZE" in os.environ or "PMIX_RANK" in os.environ
@@ -54,10 +56,14 @@ def comm():
 
 @pytest.fixture
 def shared_dir(hvd):
-    """A temp folder made by rank 0 and the same on every rank (all ranks share this host)."""
+    """A temp folder made by rank 0 and the same on every rank (all ranks share this host);
+    removed by rank 0 once every rank is done with it."""
     path = tempfile.mkdtemp(prefix="hvdtrain-test-") if hvd.rank() == 0 else None
     path = hvd.broadcast_object(path, root_rank=0, name="shared_dir")
-    return Path(path)
+    yield Path(path)
+    hvd.allreduce(torch.zeros(1), name="shared_dir.done")
+    if hvd.rank() == 0:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _rank() -> str:
