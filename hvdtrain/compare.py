@@ -4,7 +4,8 @@ It writes the data once, launches each run itself (horovodrun for Horovod, mpiru
 fallback), then collects every run's summary.json into compare.json, report.md and a table. With
 `--hosts H1:slots,H2:slots` every run is launched across those hosts (mpirun --host,
 horovodrun -H), so the strategies are compared over a network; the --out folder (the data
-set and the runs) must then be on a file system every host sees at the same path.
+set and the runs; a --data folder too) must then be on a file system every host sees at the
+same path.
 """
 from __future__ import annotations
 

@@ -27,6 +27,7 @@ DTYPES = ("float32", "float64")
 MPI_ALLREDUCES = ("native", "ring")
 LR_SCHEDULES = ("constant", "cosine")
 AMP_MODES = ("none", "bf16", "fp16")
+OUTER_OPTIMIZERS = ("none", "sgd", "nesterov")
 
 
 def _registered(kind: str) -> tuple[str, ...]:
@@ -136,6 +137,14 @@ class SyncConfig:
     """MPI fallback: per-rank averaging weights (sum 1); default = block sizes / total."""
     mpi_allreduce: str = "native"
     """MPI fallback: `native` (MPI_Allreduce) or `ring` (hvdtrain's own ring)."""
+    warmup_allreduce_steps: int = 0
+    """MPI fallback: average gradients every step (as Horovod) for the first W steps, then parameters every k."""
+    outer_optimizer: str = "none"
+    """MPI fallback: `none`, `sgd` or `nesterov`: apply the pseudo-gradient (last global minus average) with an outer optimizer."""
+    outer_lr: float = 0.7
+    """MPI fallback: outer optimizer learning rate (outer sgd with lr 1 and momentum 0 is plain averaging)."""
+    outer_momentum: float = 0.9
+    """MPI fallback: outer optimizer momentum."""
     fp16: bool = False
     """Horovod: compress gradients to fp16 on the wire."""
     backward_passes_per_step: int = 1
@@ -149,6 +158,18 @@ class SyncConfig:
                f"alpha must be in (0, 1], got {self.alpha!r}; use --alpha 1")
         _check(self.mpi_allreduce in MPI_ALLREDUCES,
                f"mpi_allreduce {self.mpi_allreduce!r} is unknown; use one of {', '.join(MPI_ALLREDUCES)}")
+        _check(isinstance(self.warmup_allreduce_steps, int) and self.warmup_allreduce_steps >= 0,
+               f"warmup_allreduce_steps must be an integer >= 0, got {self.warmup_allreduce_steps!r}; "
+               f"use e.g. --warmup-allreduce-steps 100")
+        _check(self.outer_optimizer in OUTER_OPTIMIZERS, f"outer_optimizer {self.outer_optimizer!r} is unknown; "
+                                                         f"use one of {', '.join(OUTER_OPTIMIZERS)}")
+        _check(math.isfinite(self.outer_lr) and self.outer_lr > 0,
+               f"outer_lr must be > 0, got {self.outer_lr!r}; use e.g. --outer-lr 0.7")
+        _check(math.isfinite(self.outer_momentum) and 0 <= self.outer_momentum < 1,
+               f"outer_momentum must be in [0, 1), got {self.outer_momentum!r}; use e.g. --outer-momentum 0.9")
+        _check(self.outer_optimizer == "none" or self.alpha == 1,
+               f"alpha {self.alpha!r} and outer_optimizer {self.outer_optimizer!r} both set how far replicas "
+               f"move; use --outer-lr instead of --alpha")
         _check(isinstance(self.backward_passes_per_step, int) and self.backward_passes_per_step >= 1,
                f"backward_passes_per_step must be >= 1, got {self.backward_passes_per_step!r}; use 1")
         if self.weights is not None:

@@ -145,7 +145,7 @@ def train(cfg: TrainConfig, strategy: SyncStrategy, stop_requested: Callable[[],
     with agreed(comm):
         scheduler = build_scheduler(cfg.optim, job, optimizer, total_steps)
     scaler = torch.amp.GradScaler("cuda") if cfg.amp == "fp16" else None
-    extras = {"scheduler": scheduler, "scaler": scaler}
+    extras = {"scheduler": scheduler, "scaler": scaler, "strategy": strategy}
     layout = {"steps_per_epoch": steps_epoch, "weights": weights}
     check_agreement(comm.allgather_object(  # hvdtrain: same config, model and data everywhere
         _startup_record(cfg, model, data)))

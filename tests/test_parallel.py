@@ -28,6 +28,8 @@ JOBS = [
     ("test_fit.py", "mpirun", 2, 600),
     ("test_fit.py", "mpirun", 3, 600),
     ("test_fit.py", "horovodrun-gloo", 2, 600),
+    ("test_strategies.py", "mpirun", 2, 600),
+    ("test_strategies.py", "mpirun", 3, 600),
 ]
 JOBS += [(f, "mpirun", n, 180) for f in ["test_ring.py"] if (HERE / "parallel" / f).exists() for n in (2, 3)]
 

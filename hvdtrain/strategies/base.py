@@ -60,6 +60,13 @@ class SyncStrategy(ABC):
     def finish(self, model: torch.nn.Module, step: int) -> None:
         """After the last step (`step`): leave every rank with the same final model."""
 
+    def state_dict(self) -> dict[str, Any]:
+        """What the strategy must carry across a checkpoint (counters, outer-optimizer state)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
     @abstractmethod
     def broadcast_state(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
         """Overwrite every rank's parameters, buffers and optimizer state with rank 0's."""

@@ -3,7 +3,11 @@
 The averaging rule (DESIGN.md): theta_i <- theta_i + alpha (sum_j w_j theta_j - theta_i), done
 as one in-place SUM allreduce of a flat buffer that each rank pre-scales by its own w_i.
 Floating-point buffers (BatchNorm statistics) live in the same flat buffer, so they are averaged
-with the same weights at every sync.
+with the same weights at every sync. Options (SyncConfig):
+- warmup_allreduce_steps W (post-local SGD): the first W steps average gradients as Horovod does
+  (equal weights, one allreduce per step), then parameters every k steps, counted from W;
+- outer_optimizer sgd|nesterov (DiLoCo): each sync applies the pseudo-gradient to the last
+  global parameters with an outer optimizer (strategies/outer.py) instead of plain averaging.
 """
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ import torch
 from mpi4py import MPI
 
 from hvdtrain.strategies.base import SyncStrategy, float_buffers, ring_bytes
+from hvdtrain.strategies.outer import OuterOptimizer
 
 
 class FlatAverager:
@@ -55,7 +60,8 @@ class FlatAverager:
             np.multiply(self.host, self.weight, out=self.host)
         self.comm.Allreduce(MPI.IN_PLACE, self.host, op=MPI.SUM)
 
-    def sync(self) -> None:
+    def sync(self, post: Any = None) -> None:
+        """Average (and mix); then `post(host)` may rewrite the result in place before it is used."""
         on_host = self.flat.device.type == "cpu"
         if not on_host:
             self.host[...] = self.flat.cpu().numpy()
@@ -66,8 +72,16 @@ class FlatAverager:
             np.subtract(self.host, self.prev, out=self.host)
             np.multiply(self.host, self.alpha, out=self.host)
             np.add(self.host, self.prev, out=self.host)
+        if post is not None:
+            post(self.host)
         if not on_host:
             self.flat.copy_(torch.from_numpy(self.host))
+
+    def params(self) -> np.ndarray:
+        """The replica's current flat parameters (a host copy on GPU, the live buffer on CPU)."""
+        if self.flat.device.type != "cpu":
+            self.host[...] = self.flat.cpu().numpy()
+        return self.host
 
     def broadcast(self, root: int = 0) -> None:
         if self.flat.device.type != "cpu":
@@ -86,19 +100,50 @@ class MPIAverage(SyncStrategy):
                weights: list[float]) -> torch.optim.Optimizer:
         params = list(model.parameters())
         params += [b for b in float_buffers(model) if b.dtype == params[0].dtype]
-        self.averager = FlatAverager(self.comm.mpi, params, weights[self.rank], self.sync_cfg.alpha,
-                                     self.sync_cfg.mpi_allreduce)
+        cfg = self.sync_cfg
+        self.averager = FlatAverager(self.comm.mpi, params, weights[self.rank], cfg.alpha, cfg.mpi_allreduce)
+        self.outer = OuterOptimizer(cfg.outer_optimizer, cfg.outer_lr, cfg.outer_momentum) \
+            if cfg.outer_optimizer != "none" else None
+        self.warmup = cfg.warmup_allreduce_steps
+        self._steps = 0       # optimizer steps taken (the warm-up counts them)
         self._last_sync = 0
         return optimizer
 
+    def _allreduce_gradients(self, optimizer: torch.optim.Optimizer) -> None:
+        """Warm-up: gradients averaged over ranks (equal weights, as Horovod), one allreduce."""
+        grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        flat = torch.cat([g.detach().reshape(-1) for g in grads]).cpu().numpy()
+        start = time.perf_counter()
+        self.comm.mpi.Allreduce(MPI.IN_PLACE, flat, op=MPI.SUM)
+        self.comm_seconds += time.perf_counter() - start
+        self.bytes_sent += ring_bytes(flat.nbytes, self.size)
+        flat /= self.size
+        offset = 0
+        for g in grads:
+            g.copy_(torch.from_numpy(flat[offset:offset + g.numel()]).view_as(g))
+            offset += g.numel()
+
+    def step(self, optimizer: torch.optim.Optimizer, scaler: Any = None) -> None:
+        if self._steps < self.warmup:
+            if scaler is not None:
+                scaler.unscale_(optimizer)
+            self._allreduce_gradients(optimizer)
+        self._steps += 1
+        super().step(optimizer, scaler)
+
     def _sync(self) -> None:
         start = time.perf_counter()
-        self.averager.sync()
+        self.averager.sync(self.outer.step if self.outer is not None else None)
         self.comm_seconds += time.perf_counter() - start
         self.bytes_sent += ring_bytes(self.averager.nbytes, self.size)
 
     def after_step(self, step: int, model: torch.nn.Module) -> bool:
-        if step % self.sync_cfg.sync_every:
+        if step <= self.warmup:  # replicas moved together this step
+            if step == self.warmup and self.outer is not None:
+                self.outer.reset(self.averager.params())
+            self._last_sync = step
+            return True
+        if (step - self.warmup) % self.sync_cfg.sync_every:
             return False
         self._sync()
         self._last_sync = step
@@ -117,3 +162,16 @@ class MPIAverage(SyncStrategy):
         state = mpi.bcast(optimizer.state_dict() if self.rank == 0 else None, root=0)
         if self.rank != 0:
             optimizer.load_state_dict(state)
+        if self.outer is not None and self.outer.globals is None:
+            self.outer.reset(self.averager.params())
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"steps": self._steps, "last_sync": self._last_sync,
+                "outer": self.outer.state_dict() if self.outer is not None else {}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if not state:  # a checkpoint of another strategy
+            return
+        self._steps, self._last_sync = int(state["steps"]), int(state["last_sync"])
+        if self.outer is not None:
+            self.outer.load_state_dict(state["outer"])

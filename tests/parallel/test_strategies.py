@@ -1,0 +1,137 @@
+"""The MPI fallback's strategy options inside every rank of a real job: post-local-SGD warm-up,
+the outer optimizer (and how it relates to alpha-mixing), exact resume with their state."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from conftest import requires_mpi
+from hvdtrain.config import load_config
+from hvdtrain.registry import Job
+from hvdtrain.strategies import make_strategy
+from hvdtrain.strategies.mpi_average import FlatAverager
+from hvdtrain.strategies.outer import OuterOptimizer
+from hvdtrain.train import Preempted, train
+
+pytestmark = requires_mpi
+
+
+class Waves(torch.utils.data.Dataset):
+    def __init__(self, n: int) -> None:
+        g = torch.Generator().manual_seed(11)
+        self.x = torch.randn(n, 5, generator=g, dtype=torch.float64)
+        self.y = torch.cos(self.x.sum(1, keepdim=True))
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int):
+        return self.x[i], self.y[i]
+
+
+def net(seed: int, dropout: float = 0.0) -> nn.Module:
+    torch.manual_seed(seed)  # a different start on every rank: the broadcast must fix it
+    return nn.Sequential(nn.Linear(5, 12), nn.Tanh(), nn.Dropout(dropout), nn.Linear(12, 1)).double()
+
+
+def state(model: nn.Module) -> torch.Tensor:
+    return torch.cat([v.detach().reshape(-1) for v in model.state_dict().values()])
+
+
+def fit(comm, out, stop=lambda: False, resume=False, model=None, **sync):
+    settings = {"sync": {"backend": "mpi", **sync}, "epochs": 2, "batch_size": 8, "seed": 1, "log_every": 2,
+                "threads": 1, "out": str(out), "resume": resume,
+                "optim": {"name": "sgd", "lr": 0.05, "momentum": 0.5}}
+    cfg = load_config(None, settings)
+    model = model or net(comm.rank)
+    train(cfg, make_strategy(cfg), stop, job=Job(model=model, train_data=Waves(32 * comm.size)))
+    return state(model)
+
+
+def test_warmup_over_every_step_equals_horovod(comm, shared_dir):
+    total = 2 * (32 // 8)  # epochs x steps per epoch
+    horovod = load_config(None, {"sync": {"backend": "horovod"}, "epochs": 2, "batch_size": 8, "seed": 1,
+                                 "threads": 1, "out": str(shared_dir / "h"),
+                                 "optim": {"name": "sgd", "lr": 0.05, "momentum": 0.5}})
+    m_hvd = net(comm.rank)
+    train(horovod, make_strategy(horovod), job=Job(model=m_hvd, train_data=Waves(32 * comm.size)))
+    warm = fit(comm, shared_dir / "w", warmup_allreduce_steps=total, sync_every=1000)
+    err = float((warm - state(m_hvd)).abs().max() / state(m_hvd).abs().max())
+    print(f"mpi with gradient warm-up over all steps vs horovod: max relative error {err:.3g}")
+    assert err < 1e-9
+
+
+def test_warmup_then_local_steps_differs_from_pure_warmup(comm, shared_dir):
+    a = fit(comm, shared_dir / "a", warmup_allreduce_steps=2, sync_every=3)
+    b = fit(comm, shared_dir / "b", warmup_allreduce_steps=8, sync_every=3)
+    assert not torch.allclose(a, b)
+
+
+def test_outer_sgd_lr1_no_momentum_is_plain_averaging(comm, shared_dir):
+    plain = fit(comm, shared_dir / "p", sync_every=3)
+    outer = fit(comm, shared_dir / "o", sync_every=3, outer_optimizer="sgd", outer_lr=1.0, outer_momentum=0.0)
+    assert torch.allclose(plain, outer, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("alpha", [1.0, 0.6])
+def test_alpha_mixing_against_outer_sgd(comm, alpha):
+    """Outer SGD(lr=alpha, no momentum) = alpha-mixing - (1 - alpha)(theta_i - theta_g): equal at
+    alpha = 1 (and without drift); the difference is each rank's kept share of its own drift."""
+    size, rank = comm.size, comm.rank
+    weights = [(r + 1) / sum(range(1, size + 1)) for r in range(size)]
+    theta_g = np.linspace(-1, 1, 7)
+    drift = lambda r: np.sin(np.arange(7) * (r + 2.0))  # noqa: E731  each rank's local steps
+    theta_bar = sum(w * (theta_g + drift(r)) for r, w in enumerate(weights))  # computed here, by hand
+    mixed_p = [torch.from_numpy(theta_g + drift(rank))]
+    FlatAverager(comm, mixed_p, weights[rank], alpha).sync()
+    outer = OuterOptimizer("sgd", alpha, 0.0)
+    outer.reset(theta_g)
+    outer_p = [torch.from_numpy(theta_g + drift(rank))]
+    FlatAverager(comm, outer_p, weights[rank], 1.0).sync(outer.step)
+    mixing = theta_g + drift(rank) + alpha * (theta_bar - theta_g - drift(rank))
+    np.testing.assert_allclose(mixed_p[0].numpy(), mixing, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(outer_p[0].numpy(), theta_g + alpha * (theta_bar - theta_g), rtol=0, atol=1e-12)
+    np.testing.assert_allclose(outer_p[0].numpy(), mixing - (1 - alpha) * drift(rank), rtol=0, atol=1e-12)
+
+
+def test_outer_nesterov_two_syncs_by_hand(comm):
+    size, rank = comm.size, comm.rank
+    w = [1 / size] * size
+    lr, mu = 0.7, 0.9
+    g0 = np.arange(4.0)
+    outer = OuterOptimizer("nesterov", lr, mu)
+    outer.reset(g0)
+    g, v = g0.copy(), np.zeros(4)
+    for round_ in range(2):
+        local = g + (rank + 1) * (round_ + 1) * np.array([0.1, -0.2, 0.3, 0.05])
+        avg = sum(g + (r + 1) * (round_ + 1) * np.array([0.1, -0.2, 0.3, 0.05]) for r in range(size)) / size
+        delta = g - avg
+        v = mu * v + delta
+        g = g - lr * (delta + mu * v)
+        p = [torch.from_numpy(local.copy())]
+        FlatAverager(comm, p, w[rank], 1.0).sync(outer.step)
+        np.testing.assert_allclose(p[0].numpy(), g, rtol=0, atol=1e-12)
+
+
+def test_outer_optimizer_leaves_replicas_identical(comm, shared_dir):
+    final = fit(comm, shared_dir / "n", sync_every=3, outer_optimizer="nesterov")
+    copies = comm.allgather(final)
+    assert all(torch.equal(c, copies[0]) for c in copies)
+
+
+@pytest.mark.parametrize("options", [dict(outer_optimizer="nesterov", warmup_allreduce_steps=3),
+                                     dict(outer_optimizer="sgd", outer_lr=0.5, outer_momentum=0.8)])
+def test_resume_is_exact_with_outer_state(comm, shared_dir, options):
+    straight = fit(comm, shared_dir / "s", sync_every=3, model=net(comm.rank, 0.2), **options)
+    calls = {"n": 0}
+
+    def stop() -> bool:
+        calls["n"] += 1
+        return calls["n"] == 3  # step 6: mid-run, after syncs with outer momentum
+
+    with pytest.raises(Preempted):
+        fit(comm, shared_dir / "r", stop, sync_every=3, model=net(comm.rank, 0.2), **options)
+    resumed = fit(comm, shared_dir / "r", resume=True, sync_every=3, model=net(comm.rank, 0.2), **options)
+    assert torch.equal(straight, resumed)
