@@ -145,6 +145,8 @@ class SyncConfig:
     """MPI fallback: outer optimizer learning rate (outer sgd with lr 1 and momentum 0 is plain averaging)."""
     outer_momentum: float = 0.9
     """MPI fallback: outer optimizer momentum."""
+    hierarchy: tuple[int, ...] | None = None
+    """MPI fallback: K_LOCAL,K_GLOBAL: average within each host every K_LOCAL steps, across hosts every K_GLOBAL."""
     fp16: bool = False
     """Horovod: compress gradients to fp16 on the wire."""
     backward_passes_per_step: int = 1
@@ -170,6 +172,14 @@ class SyncConfig:
         _check(self.outer_optimizer == "none" or self.alpha == 1,
                f"alpha {self.alpha!r} and outer_optimizer {self.outer_optimizer!r} both set how far replicas "
                f"move; use --outer-lr instead of --alpha")
+        if self.hierarchy is not None:
+            self.hierarchy = tuple(self.hierarchy)
+            h = self.hierarchy
+            _check(len(h) == 2 and all(isinstance(k, int) and k >= 1 for k in h) and h[1] % h[0] == 0,
+                   f"hierarchy must be K_LOCAL,K_GLOBAL with K_GLOBAL a multiple of K_LOCAL, got {list(h)}; "
+                   f"e.g. --hierarchy 4,16")
+            _check(self.alpha == 1 and self.outer_optimizer == "none",
+                   "hierarchy averages fully at both levels; leave --alpha 1 and --outer-optimizer none")
         _check(isinstance(self.backward_passes_per_step, int) and self.backward_passes_per_step >= 1,
                f"backward_passes_per_step must be >= 1, got {self.backward_passes_per_step!r}; use 1")
         if self.weights is not None:
@@ -333,7 +343,8 @@ def _docstrings(cls: type) -> dict[str, str]:
 
 def _kind(annotation: str) -> str:
     return {"bool": "bool", "int": "int", "float": "float", "str": "str", "tuple[int, ...]": "ints",
-            "tuple[float, ...] | None": "floats", "dict[str, Any]": "json"}[annotation]
+            "tuple[float, ...] | None": "floats", "tuple[int, ...] | None": "ints",
+            "dict[str, Any]": "json"}[annotation]
 
 
 def _settings() -> list[Setting]:

@@ -7,7 +7,9 @@ with the same weights at every sync. Options (SyncConfig):
 - warmup_allreduce_steps W (post-local SGD): the first W steps average gradients as Horovod does
   (equal weights, one allreduce per step), then parameters every k steps, counted from W;
 - outer_optimizer sgd|nesterov (DiLoCo): each sync applies the pseudo-gradient to the last
-  global parameters with an outer optimizer (strategies/outer.py) instead of plain averaging.
+  global parameters with an outer optimizer (strategies/outer.py) instead of plain averaging;
+- hierarchy K_LOCAL,K_GLOBAL: average within each host every K_LOCAL steps and across hosts
+  every K_GLOBAL (class Hierarchy), instead of every sync_every.
 """
 from __future__ import annotations
 
@@ -50,24 +52,25 @@ class FlatAverager:
         self.prev = np.empty_like(self.host) if alpha < 1 else None
         self.nbytes = self.host.nbytes
 
-    def _weighted_sum(self) -> None:
+    def _weighted_sum(self, comm: Any, weight: float) -> None:
         """host <- sum_j w_j host_j: the ring folds w_i into its first send; MPI needs a pass."""
         if self.allreduce == "ring":
             from hvdtrain.comm.ring import ring_allreduce_
-            ring_allreduce_(self.comm, self.host, scale=self.weight)
+            ring_allreduce_(comm, self.host, scale=weight)
             return
-        if self.weight != 1.0:
-            np.multiply(self.host, self.weight, out=self.host)
-        self.comm.Allreduce(MPI.IN_PLACE, self.host, op=MPI.SUM)
+        if weight != 1.0:
+            np.multiply(self.host, weight, out=self.host)
+        comm.Allreduce(MPI.IN_PLACE, self.host, op=MPI.SUM)
 
-    def sync(self, post: Any = None) -> None:
-        """Average (and mix); then `post(host)` may rewrite the result in place before it is used."""
+    def sync(self, post: Any = None, comm: Any = None, weight: float | None = None) -> None:
+        """Average (and mix) over `comm` (default: all ranks) with this rank's `weight`; then
+        `post(host)` may rewrite the result in place before it is used."""
         on_host = self.flat.device.type == "cpu"
         if not on_host:
             self.host[...] = self.flat.cpu().numpy()
         if self.prev is not None:
             np.copyto(self.prev, self.host)
-        self._weighted_sum()
+        self._weighted_sum(comm or self.comm, self.weight if weight is None else weight)
         if self.prev is not None:  # theta + alpha (theta_bar - theta)
             np.subtract(self.host, self.prev, out=self.host)
             np.multiply(self.host, self.alpha, out=self.host)
@@ -83,12 +86,44 @@ class FlatAverager:
             self.host[...] = self.flat.cpu().numpy()
         return self.host
 
-    def broadcast(self, root: int = 0) -> None:
+    def broadcast(self, root: int = 0, comm: Any = None) -> None:
         if self.flat.device.type != "cpu":
             self.host[...] = self.flat.cpu().numpy()
-        self.comm.Bcast(self.host, root=root)
+        (comm or self.comm).Bcast(self.host, root=root)
         if self.flat.device.type != "cpu":
             self.flat.copy_(torch.from_numpy(self.host))
+
+
+class Hierarchy:
+    """Averaging in two levels: among the ranks of each host (shared memory) every K_LOCAL steps,
+    across hosts every K_GLOBAL (host leaders, then a broadcast within the host). Hosts are told
+    apart by processor name. Weights are preserved: within host h rank i uses w_i / W_h, leaders
+    use W_h = sum of their host's w_i, so a global sync gives sum_i w_i theta_i exactly."""
+
+    def __init__(self, mpi: Any, weight: float) -> None:
+        names = mpi.allgather(MPI.Get_processor_name())
+        color = sorted(set(names)).index(names[mpi.rank])
+        self.local = mpi.Split(color, key=mpi.rank)
+        host_weight = self.local.allreduce(weight, op=MPI.SUM)
+        self.local_weight = weight / host_weight if host_weight > 0 else 0.0
+        self.leaders = mpi.Split(0 if self.local.rank == 0 else MPI.UNDEFINED, key=mpi.rank)
+        self.host_weight = host_weight
+        self.hosts = len(set(names))
+
+    def sync(self, averager: "FlatAverager", scope: str) -> int:
+        """One host-level or global average; returns the bytes this rank sent (ring model)."""
+        sent = 0
+        if self.local.size > 1:
+            averager.sync(comm=self.local, weight=self.local_weight)
+            sent += ring_bytes(averager.nbytes, self.local.size)
+        if scope == "global" and self.hosts > 1:
+            if self.leaders != MPI.COMM_NULL:
+                averager.sync(comm=self.leaders, weight=self.host_weight)
+                sent += ring_bytes(averager.nbytes, self.leaders.size)
+            if self.local.size > 1:
+                averager.broadcast(0, comm=self.local)
+                sent += averager.nbytes if self.local.rank == 0 else 0
+        return sent
 
 
 class MPIAverage(SyncStrategy):
@@ -105,6 +140,7 @@ class MPIAverage(SyncStrategy):
         self.outer = OuterOptimizer(cfg.outer_optimizer, cfg.outer_lr, cfg.outer_momentum) \
             if cfg.outer_optimizer != "none" else None
         self.warmup = cfg.warmup_allreduce_steps
+        self.hierarchy = Hierarchy(self.comm.mpi, weights[self.rank]) if cfg.hierarchy else None
         self._steps = 0       # optimizer steps taken (the warm-up counts them)
         self._last_sync = 0
         return optimizer
@@ -131,11 +167,14 @@ class MPIAverage(SyncStrategy):
         self._steps += 1
         super().step(optimizer, scaler)
 
-    def _sync(self) -> None:
+    def _sync(self, scope: str = "global") -> None:
         start = time.perf_counter()
-        self.averager.sync(self.outer.step if self.outer is not None else None)
+        if self.hierarchy is not None:
+            self.bytes_sent += self.hierarchy.sync(self.averager, scope)
+        else:
+            self.averager.sync(self.outer.step if self.outer is not None else None)
+            self.bytes_sent += ring_bytes(self.averager.nbytes, self.size)
         self.comm_seconds += time.perf_counter() - start
-        self.bytes_sent += ring_bytes(self.averager.nbytes, self.size)
 
     def after_step(self, step: int, model: torch.nn.Module) -> bool:
         if step <= self.warmup:  # replicas moved together this step
@@ -143,11 +182,14 @@ class MPIAverage(SyncStrategy):
                 self.outer.reset(self.averager.params())
             self._last_sync = step
             return True
-        if (step - self.warmup) % self.sync_cfg.sync_every:
-            return False
-        self._sync()
-        self._last_sync = step
-        return True
+        local_k, global_k = self.sync_cfg.hierarchy or (self.sync_cfg.sync_every,) * 2
+        if (step - self.warmup) % global_k == 0:
+            self._sync("global")
+            self._last_sync = step
+            return True
+        if (step - self.warmup) % local_k == 0:
+            self._sync("host")  # replicas agree within each host only
+        return False
 
     def finish(self, model: torch.nn.Module, step: int) -> None:
         if step != self._last_sync:

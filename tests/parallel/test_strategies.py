@@ -135,3 +135,12 @@ def test_resume_is_exact_with_outer_state(comm, shared_dir, options):
         fit(comm, shared_dir / "r", stop, sync_every=3, model=net(comm.rank, 0.2), **options)
     resumed = fit(comm, shared_dir / "r", resume=True, sync_every=3, model=net(comm.rank, 0.2), **options)
     assert torch.equal(straight, resumed)
+
+
+def test_hierarchy_on_one_host_equals_plain_averaging(comm, shared_dir):
+    """One host: every rank is in the same group, so K,K is plain averaging every K."""
+    plain = fit(comm, shared_dir / "p", sync_every=4)
+    hier = fit(comm, shared_dir / "h", hierarchy=(4, 4))
+    assert torch.allclose(plain, hier, rtol=0, atol=1e-12)
+    local_often = fit(comm, shared_dir / "l", hierarchy=(2, 4))  # on one host: averaging every 2
+    assert torch.allclose(local_often, fit(comm, shared_dir / "k2", sync_every=2), rtol=0, atol=1e-12)
