@@ -142,6 +142,7 @@ def train(cfg: TrainConfig, strategy: SyncStrategy, stop_requested: Callable[[],
         _probe(model, loss_fn, data, cfg, _model_name(cfg, job), autocast)
     weights = D.averaging_weights(data.sizes, cfg.sync.weights)
     optimizer = strategy.attach(model, optimizer, weights)
+    forward = strategy.wrap(model)  # hvdtrain: DDP's wrapper; the model itself for the others
     with agreed(comm):
         scheduler = build_scheduler(cfg.optim, job, optimizer, total_steps)
     scaler = torch.amp.GradScaler("cuda") if cfg.amp == "fp16" else None
@@ -171,7 +172,7 @@ def train(cfg: TrainConfig, strategy: SyncStrategy, stop_requested: Callable[[],
             for _m in range(micro):
                 x, y = next(batches)
                 with autocast:
-                    loss = loss_fn(model(x), y) / micro
+                    loss = loss_fn(forward(x), y) / micro
                 (scaler.scale(loss) if scaler else loss).backward()
                 step_loss += loss.detach()
             c, b = strategy.comm_seconds, strategy.bytes_sent

@@ -13,7 +13,7 @@ from hvdtrain.config import ConfigError
 from hvdtrain.layout import detect_layout
 
 INSTALL_HINT = "run `make install` (mpi_jobs/install.sh) to build it into the virtualenv"
-KINDS = ("horovod", "mpi", "single")
+KINDS = ("horovod", "mpi", "ddp", "single")
 _started: dict[str, Comm] = {}
 
 
@@ -42,7 +42,7 @@ def make_comm(kind: str, collective_timeout: float = 300.0) -> Comm:
             f"{comm.size}; launch --backend mpi with mpirun/srun --mpi=pmix (not horovodrun --gloo), "
             f"and use an mpi4py built against the launcher's MPI")
     _started[kind] = comm
-    if kind == "horovod":
+    if kind in ("horovod", "ddp"):
         atexit.register(comm.shutdown)
     return comm
 
@@ -58,6 +58,9 @@ def _start(kind: str) -> Comm:
             raise ConfigError(f"backend 'horovod' needs Horovod with PyTorch support, which cannot be "
                               f"imported ({exc}); {INSTALL_HINT}, or use --backend mpi") from None
         return HorovodComm()
+    if kind == "ddp":
+        from hvdtrain.comm.torchdist import TorchDistComm
+        return TorchDistComm()
     if kind == "mpi":
         try:
             from hvdtrain.comm.mpi import MPIComm

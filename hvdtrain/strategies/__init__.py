@@ -26,6 +26,8 @@ STRATEGIES: dict[str, Entry] = {
                      "Horovod ring-allreduce of gradients every step"),
     "mpi": Entry("hvdtrain.strategies.mpi_average:MPIAverage", "mpirun", True,
                  "MPI fallback: weighted parameter averaging every k steps"),
+    "ddp": Entry("hvdtrain.strategies.ddp:DDPStrategy", "mpirun", False,
+                 "torch DistributedDataParallel (gloo on CPU, nccl on GPU): the usual peer"),
     "single": Entry("hvdtrain.strategies.none:NoSync", "python", False, "one process, no synchronisation"),
 }
 

@@ -45,6 +45,10 @@ class SyncStrategy(ABC):
         """Prepare to synchronise `model`; returns the optimizer the loop must use."""
         return optimizer
 
+    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The module the loop calls for the forward pass (DDP wraps it; the others use it as is)."""
+        return model
+
     def step(self, optimizer: torch.optim.Optimizer, scaler: Any = None) -> None:
         """One optimizer step (through the AMP GradScaler when given)."""
         if scaler is None:

@@ -171,3 +171,16 @@ def test_a_data_error_on_one_rank_raises_on_every_rank(hvd, shared_dir):
     ds = FailsOnLastRank(16 * hvd.size())
     with pytest.raises(hvdtrain.ConfigError, match="sample .* is missing"):
         hvdtrain.fit(mlp(0), ds, out=str(shared_dir / "b"), backend="horovod", batch_size=16, threads=1)
+
+
+@requires_mpi
+def test_fit_ddp_equals_horovod(hvd, shared_dir):
+    """torch DDP (gloo, rendezvous shared over MPI) in the same loop: the same gradient average."""
+    ds = Recorded(40 * hvd.size())
+    common = dict(dtype="float64", epochs=2, batch_size=8, optimizer="sgd", lr=0.1)
+    m_hvd, m_ddp = mlp(seed=hvd.rank()), mlp(seed=hvd.rank())
+    fit(hvd, m_hvd, ds, shared_dir / "hvd", backend="horovod", **common)
+    fit(hvd, m_ddp, ds, shared_dir / "ddp", backend="ddp", **common)
+    err = rel_err(flat_state(m_ddp), flat_state(m_hvd))
+    print(f"fit: ddp vs horovod x{hvd.size()}: max relative error {err:.3g}")
+    assert err < 1e-9
