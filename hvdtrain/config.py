@@ -212,6 +212,8 @@ class TrainConfig:
     """Write a checkpoint every N steps (0 = only at the end and on preemption)."""
     log_every: int = 10
     """Average the loss over ranks every N steps (one tiny allreduce), one metrics line per step."""
+    tensorboard: bool = False
+    """Also write TensorBoard event files to OUT/tensorboard (loss, samples/s, comm time, bytes, eval)."""
     threads: int = 0
     """torch intra-op threads per rank; 0 = cores on this host / ranks on this host."""
     collective_timeout: float = 300.0

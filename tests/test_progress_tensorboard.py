@@ -1,0 +1,60 @@
+"""Around a run: TensorBoard event files with --tensorboard, a tqdm bar on a terminal."""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import pty
+import struct
+import subprocess
+import sys
+import termios
+
+from hvdtrain.launch import launcher_env
+
+RUN = [sys.executable, "-m", "hvdtrain", "train", "--backend", "single", "--data", "digits", "--model", "mlp",
+       "--hidden", "32", "--optimizer", "adam", "--lr", "0.01", "--epochs", "2", "--batch-size", "32",
+       "--log-every", "5", "--threads", "1"]
+
+
+def test_tensorboard_events_hold_the_metrics(tmp_path):
+    out = tmp_path / "o"
+    result = subprocess.run(RUN + ["--out", str(out), "--tensorboard"], capture_output=True, text=True,
+                            timeout=120, env=launcher_env())
+    assert result.returncode == 0, result.stderr[-2000:]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(out / "tensorboard"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"train/loss", "train/samples_per_sec", "comm/seconds", "comm/bytes_per_step",
+            "eval/loss", "eval/accuracy"} <= tags, tags
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    logged = {e.step: e.value for e in acc.Scalars("train/loss")}
+    assert sorted(logged) == [r["step"] for r in rows]
+    assert all(abs(logged[r["step"]] - r["loss"]) < 1e-5 * max(1, abs(r["loss"])) for r in rows)
+    summary = json.loads((out / "summary.json").read_text())
+    assert abs(acc.Scalars("eval/accuracy")[0].value - summary["eval_accuracy"]) < 1e-6
+
+
+def test_progress_is_a_tqdm_bar_on_a_terminal_and_lines_otherwise(tmp_path):
+    piped = subprocess.run(RUN + ["--out", str(tmp_path / "p")], capture_output=True, text=True, timeout=120,
+                           env=launcher_env())
+    assert piped.returncode == 0 and "] step " in piped.stderr and "it/s" not in piped.stderr
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))  # a 120-column terminal
+    proc = subprocess.Popen(RUN + ["--out", str(tmp_path / "t")], stdout=subprocess.DEVNULL, stderr=follower,
+                            env=launcher_env({"COLUMNS": "120"}))
+    os.close(follower)
+    chunks = []
+    while True:
+        try:
+            data = os.read(leader, 4096)
+        except OSError:
+            break
+        if not data:
+            break
+        chunks.append(data)
+    assert proc.wait(timeout=120) == 0
+    text = b"".join(chunks).decode(errors="replace")
+    assert "step/s" in text or "s/step" in text, text[-1000:]  # tqdm's rate, unit "step"
+    assert "88/88" in text and "] step " not in text, text[-1000:]
