@@ -4,7 +4,8 @@ from __future__ import annotations
 import importlib
 import sys
 
-KINDS = {"allreduce": "hvdtrain.bench_allreduce", "train": "hvdtrain.bench_train", "fit": "hvdtrain.bench_fit"}
+KINDS = {"allreduce": "hvdtrain.bench_allreduce", "train": "hvdtrain.bench_train", "fit": "hvdtrain.bench_fit",
+         "synthetic": "hvdtrain.bench_synthetic"}
 
 
 def main(argv: list[str]) -> int:

@@ -212,6 +212,8 @@ class TrainConfig:
     """Write a checkpoint every N steps (0 = only at the end and on preemption)."""
     log_every: int = 10
     """Average the loss over ranks every N steps (one tiny allreduce), one metrics line per step."""
+    eval_every: int = 0
+    """Evaluate on the held-out data every N steps too (OUT/evals.jsonl, with training seconds so far); MPI fallback: use a multiple of sync_every."""
     tensorboard: bool = False
     """Also write TensorBoard event files to OUT/tensorboard (loss, samples/s, comm time, bytes, eval)."""
     threads: int = 0
@@ -232,6 +234,8 @@ class TrainConfig:
                f"checkpoint_every must be >= 0, got {self.checkpoint_every!r}; use 0 for only at the end")
         _check(isinstance(self.log_every, int) and self.log_every >= 1,
                f"log_every must be >= 1, got {self.log_every!r}; use e.g. --log-every 10")
+        _check(isinstance(self.eval_every, int) and self.eval_every >= 0,
+               f"eval_every must be an integer >= 0, got {self.eval_every!r}; use 0 for only at the end")
         _check(isinstance(self.threads, int) and self.threads >= 0,
                f"threads must be >= 0, got {self.threads!r}; use 0 for cores / local ranks")
         _check(bool(str(self.out)), "out must name a folder; use --out DIR")

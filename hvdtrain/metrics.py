@@ -45,6 +45,22 @@ class MetricsLog:
                     if line.strip() and json.loads(line).get("step", 0) <= resume_step]
         atomic_write_text("".join(line + "\n" for line in kept), self.path)
         self._file = self.path.open("a")
+        self.evals_path = self.path.with_name("evals.jsonl")
+        kept = []
+        if resume_step and self.evals_path.is_file():
+            kept = [line for line in self.evals_path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+        atomic_write_text("".join(line + "\n" for line in kept), self.evals_path)
+
+    def evaluation(self, step: int, train_seconds: float, result: dict[str, float]) -> None:
+        """One held-out evaluation (OUT/evals.jsonl): the step, training seconds so far, loss/accuracy."""
+        if not self.enabled or not result:
+            return
+        with self.evals_path.open("a") as f:
+            f.write(json.dumps({"step": step, "train_seconds": train_seconds, **result}) + "\n")
+        if self._tb is not None:
+            for key, value in result.items():
+                self._tb.add_scalar(f"eval/{key.removeprefix('eval_')}", value, step)
 
     def steps(self, rows: list[dict[str, Any]]) -> None:
         if not self._file or not rows:
@@ -86,9 +102,6 @@ class MetricsLog:
             return
         atomic_write_text(json.dumps(data, indent=2) + "\n", self.path.parent / "summary.json")
         if self._tb is not None:
-            for key in ("eval_loss", "eval_accuracy"):
-                if key in data:
-                    self._tb.add_scalar(f"eval/{key[5:]}", data[key], data["steps"])
             self._tb.close()  # the summary is the run's last record
             self._tb = None
 

@@ -163,6 +163,7 @@ def train(cfg: TrainConfig, strategy: SyncStrategy, stop_requested: Callable[[],
     comm0, bytes0 = strategy.comm_seconds, strategy.bytes_sent
     loop_start = window_start = time.perf_counter()
     start_step = step
+    eval_seconds = 0.0
     model.train()
     for epoch in range(step // steps_epoch, cfg.epochs):
         first = step - epoch * steps_epoch
@@ -198,12 +199,19 @@ def train(cfg: TrainConfig, strategy: SyncStrategy, stop_requested: Callable[[],
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
                 with dog.guard(f"the checkpoint at step {step}"):
                     save_run(out, comm, strategy, model, optimizer, step, extras, layout)
-    train_seconds = time.perf_counter() - loop_start
+            if cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:
+                eval_start = time.perf_counter()  # time-to-accuracy: training time only
+                with dog.guard(f"the evaluation at step {step}"):
+                    log.evaluation(step, eval_start - loop_start - eval_seconds,
+                                   evaluate(model, loss_fn, data, comm, cfg.batch_size * 4, autocast))
+                eval_seconds += time.perf_counter() - eval_start
+    train_seconds = time.perf_counter() - loop_start - eval_seconds
     with dog.guard("the final synchronisation"):
         strategy.finish(model, step)  # hvdtrain: MPI fallback ends with one last average
         if not cfg.checkpoint_every or step % cfg.checkpoint_every:
             save_run(out, comm, strategy, model, optimizer, step, extras, layout)
         evaluation = evaluate(model, loss_fn, data, comm, cfg.batch_size * 4, autocast)
+        log.evaluation(step, train_seconds, evaluation)
         comm_s = comm.allreduce_sum(np.array([strategy.comm_seconds - comm0])) / size
     dog.close()
     log.close()
