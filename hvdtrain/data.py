@@ -143,17 +143,59 @@ def describe(folder: str | Path) -> DataInfo:
     return DataInfo(folder, task, int(X.shape[1]), n_out, int(len(X)), int(len(eX)))
 
 
+_READ_CHUNK = 1 << 20  # bytes per read: small against any block, large enough to stream
+
+
+def read_rows(path: Path, indices: np.ndarray, dtype: str | None = None) -> np.ndarray:
+    """Rows `indices` (sorted) of a .npy file, read with plain file reads in chunks straight into the
+    result: unlike copying out of a memory map, no page of the file stays mapped into this process,
+    so peak memory is the block plus one chunk."""
+    with open(path, "rb") as f:
+        version = np.lib.format.read_magic(f)
+        shape, fortran, file_dtype = (np.lib.format.read_array_header_1_0(f) if version == (1, 0)
+                                      else np.lib.format.read_array_header_2_0(f))
+        if fortran and len(shape) > 1:
+            raise ConfigError(f"data file {str(path)!r} is stored in Fortran order; save it with "
+                              f"np.save(np.ascontiguousarray(a))")
+        start = f.tell()
+        row_items = int(np.prod(shape[1:], dtype=np.int64))
+        row_bytes = row_items * file_dtype.itemsize
+        out = np.empty((len(indices),) + tuple(shape[1:]), dtype=dtype or file_dtype)
+        if not len(indices):
+            return out
+        lo, hi = int(indices[0]), int(indices[-1]) + 1
+        per_chunk = max(1, _READ_CHUNK // max(1, row_bytes))
+        contiguous = hi - lo == len(indices)
+        if contiguous and out.dtype == file_dtype:  # straight into the result, no staging copy
+            f.seek(start + lo * row_bytes)
+            if f.readinto(memoryview(out).cast("B")) != out.nbytes:
+                raise ConfigError(f"data file {str(path)!r} is shorter than its header says; write it again")
+            return out
+        done = 0
+        for a in range(lo, hi, per_chunk):
+            b = min(hi, a + per_chunk)
+            f.seek(start + a * row_bytes)
+            raw = f.read((b - a) * row_bytes)
+            if len(raw) != (b - a) * row_bytes:
+                raise ConfigError(f"data file {str(path)!r} is shorter than its header says; write it again")
+            chunk = np.frombuffer(raw, dtype=file_dtype).reshape((b - a,) + tuple(shape[1:]))
+            if contiguous:
+                out[a - lo:b - lo] = chunk
+                continue
+            stop = done + int(np.searchsorted(indices[done:], b))
+            out[done:stop] = chunk[indices[done:stop] - a]
+            done = stop
+    return out
+
+
 def load_block(folder: str | Path, indices: np.ndarray, prefix: str = "",
                dtype: str = "float32", n_classes: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Copy only `indices` rows out of the memory-mapped arrays (a slice when contiguous); with
-    `n_classes`, check the labels lie in [0, n_classes)."""
+    """Read only `indices` rows (sorted) of the arrays; with `n_classes`, check the labels lie in
+    [0, n_classes)."""
     folder = Path(folder)
-    X, y = _open(folder, prefix + "X.npy"), _open(folder, prefix + "y.npy")
-    if len(indices) and indices[-1] - indices[0] + 1 == len(indices):
-        rows = slice(int(indices[0]), int(indices[-1]) + 1)
-        xb, yb = np.array(X[rows], dtype=dtype), np.array(y[rows])
-    else:
-        xb, yb = np.asarray(X[indices], dtype=dtype), np.asarray(y[indices])
+    _open(folder, prefix + "X.npy"), _open(folder, prefix + "y.npy")  # clear errors for bad files
+    xb = read_rows(folder / (prefix + "X.npy"), indices, dtype)
+    yb = read_rows(folder / (prefix + "y.npy"), indices)
     if not np.isfinite(xb).all() or (yb.dtype.kind == "f" and not np.isfinite(yb).all()):
         raise ConfigError(f"data in {str(folder)!r} contains NaN or Inf in this rank's block; clean the data")
     if n_classes and len(yb) and (yb.min() < 0 or yb.max() >= n_classes):

@@ -110,3 +110,15 @@ def test_bad_data_files_give_clear_errors(tmp_path):
         D.describe(folder)
     with pytest.raises(ConfigError, match="neither a folder nor a built-in"):
         D.describe(tmp_path / "missing")
+
+
+@pytest.mark.parametrize("chunk", [64, 1000, 1 << 22])
+@pytest.mark.parametrize("kind", ["block", "random", "empty", "last"])
+def test_read_rows_matches_numpy_indexing(tmp_path, monkeypatch, chunk, kind):
+    monkeypatch.setattr(D, "_READ_CHUNK", chunk)
+    a = np.random.default_rng(0).normal(size=(3001, 5)).astype(np.float32)
+    np.save(tmp_path / "a.npy", a)
+    idx = {"block": np.arange(17, 2900), "random": np.sort(np.random.default_rng(1).choice(3001, 400, replace=False)),
+           "empty": np.arange(0), "last": np.array([3000])}[kind]
+    got = D.read_rows(tmp_path / "a.npy", idx, "float64")
+    assert got.dtype == np.float64 and np.array_equal(got, np.load(tmp_path / "a.npy")[idx].astype(np.float64))
