@@ -10,9 +10,12 @@ OUT ?= runs/default
 install:
 	@bash mpi_jobs/install.sh
 
-# The default job: built-in regression set, $(NP) ranks, Horovod allreduce then the MPI fallback.
+# The default job: the digits CNN example on $(NP) ranks under every strategy (Horovod, the MPI
+# fallback at k=1 and k=8, DDP), side by side, with plots in $(OUT).
 run: install
-	$(PY) -m hvdtrain compare --np $(NP) --out $(OUT) --rows 100000 --sync-every 1,16 --epochs 1 --batch-size 64 --lr 0.01
+	$(PY) -m hvdtrain compare --np $(NP) --out $(OUT) --model hvdtrain.examples.digits_cnn:DigitsCNN \
+	  --data hvdtrain.examples.digits_cnn:digits_datasets --optimizer adam --lr 0.003 --epochs 4 \
+	  --batch-size 32 --sync-every 1,8
 
 test: install
 	$(PY) -m pytest

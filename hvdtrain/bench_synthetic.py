@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import socket
 import sys
 import timeit
@@ -98,6 +99,17 @@ def timed(step: Callable[[], None], s: dict[str, Any], device: Any) -> list[floa
             for _ in range(s["iters"])]
 
 
+def user_step(model: Any, optimizer: Any, x: Any, y: Any) -> Callable[[], None]:
+    """One training step as the hand-written loops (and Horovod's script) write it."""
+    import torch.nn.functional as F
+
+    def step() -> None:
+        optimizer.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    return step
+
+
 def strategy_config(flags: list[str], s: dict[str, Any], out: str) -> Any:
     """The TrainConfig a `hvdtrain train` with these flags would run (same parser, same checks)."""
     from hvdtrain.cli import add_train_flags, overrides_from
@@ -152,7 +164,6 @@ def run_horovod_hand(s: dict[str, Any]) -> tuple[int, int, list[float]]:
     """Horovod's pytorch_synthetic_benchmark.py loop, as its users write it."""
     import horovod.torch as hvd
     import torch
-    import torch.nn.functional as F
     hvd.init()
     torch.set_num_threads(s["threads"])
     device = torch.device("cuda", hvd.local_rank()) if torch.cuda.is_available() else torch.device("cpu")
@@ -163,13 +174,7 @@ def run_horovod_hand(s: dict[str, Any]) -> tuple[int, int, list[float]]:
     optimizer = hvd.DistributedOptimizer(optimizer, named_parameters=model.named_parameters())
     hvd.broadcast_parameters(model.state_dict(), root_rank=0)
     hvd.broadcast_optimizer_state(optimizer, root_rank=0)
-    x, y = fixed_batch(s, device)
-
-    def step() -> None:
-        optimizer.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        optimizer.step()
-    rates = timed(step, s, device)
+    rates = timed(user_step(model, optimizer, *fixed_batch(s, device)), s, device)
     rank, size = hvd.rank(), hvd.size()
     hvd.shutdown()
     return rank, size, rates
@@ -179,7 +184,6 @@ def run_ddp_hand(s: dict[str, Any]) -> tuple[int, int, list[float]]:
     """torch DDP as its users write it; rank 0's address and a free port shared over mpi4py."""
     import torch
     import torch.distributed as dist
-    import torch.nn.functional as F
     from mpi4py import MPI
     from torch.nn.parallel import DistributedDataParallel as DDP
     comm = MPI.COMM_WORLD
@@ -201,13 +205,7 @@ def run_ddp_hand(s: dict[str, Any]) -> tuple[int, int, list[float]]:
     device = torch.device("cuda", local) if cuda else torch.device("cpu")
     model = DDP(build_model(s).to(device), device_ids=[local] if cuda else None)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
-    x, y = fixed_batch(s, device)
-
-    def step() -> None:
-        optimizer.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        optimizer.step()
-    rates = timed(step, s, device)
+    rates = timed(user_step(model, optimizer, *fixed_batch(s, device)), s, device)
     dist.destroy_process_group()
     return rank, size, rates
 
@@ -215,18 +213,11 @@ def run_ddp_hand(s: dict[str, Any]) -> tuple[int, int, list[float]]:
 def run_plain(s: dict[str, Any]) -> tuple[int, int, list[float]]:
     """One process, no communication: the loop every other row is measured against."""
     import torch
-    import torch.nn.functional as F
     torch.set_num_threads(s["threads"])
     device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
     model = build_model(s).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
-    x, y = fixed_batch(s, device)
-
-    def step() -> None:
-        optimizer.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        optimizer.step()
-    return 0, 1, timed(step, s, device)
+    return 0, 1, timed(user_step(model, optimizer, *fixed_batch(s, device)), s, device)
 
 
 def worker(argv: list[str]) -> int:
@@ -387,6 +378,7 @@ def check(args: argparse.Namespace) -> tuple[dict[str, Any], list[Job]]:
 
 
 def main(argv: list[str]) -> int:
+    from hvdtrain.bench_allreduce import rank_env_defaults
     from hvdtrain.bench_train import machine
     args = build_parser().parse_args(argv)
     try:
@@ -413,7 +405,9 @@ def main(argv: list[str]) -> int:
     add_ratios(rows)
     meta = {**machine(), "threads_per_rank": s["threads"], "load_before": load_before, "load_after": os.getloadavg(),
             "settings": {**vars(args), "num_classes": s["num_classes"], "threads_per_rank": s["threads"]},
-            "command": "hvdtrain bench synthetic " + " ".join(argv),
+            "command": shlex.join(["hvdtrain", "bench", "synthetic", *argv]), "rank_env": {
+                "hvdtrain": {k: os.environ.get(k, v) for k, v in rank_env_defaults(args.np).items()},
+                "stock": {k: os.environ[k] for k in rank_env_defaults(args.np) if k in os.environ}},
             "method": "Horovod pytorch_synthetic_benchmark.py: one fixed random batch, warm-up, then "
                       "iterations of K batches; mean and 1.96 std over every rank's iterations"}
     atomic_write_text(json.dumps({"meta": meta, "rows": rows, "failed": failed}, indent=2) + "\n",

@@ -59,7 +59,7 @@ hvd_hostlist() {
 }
 
 # Sets HVD_LAUNCH to the command prefix that starts `hvdtrain` on every task of the job.
-# Backends: horovod | mpi | single. Launchers: srun | mpirun | horovodrun.
+# Backends: horovod | mpi | ddp | single. Launchers: srun | mpirun | horovodrun.
 hvd_launcher() {
   local backend="$1" launcher="$2" np="${SLURM_NTASKS:-1}"
   # The mpi fallback runs under `python -m mpi4py`, so an exception on one rank aborts all.
@@ -69,12 +69,13 @@ hvd_launcher() {
   local -a mpirun_args=(${HVDTRAIN_MPIRUN_ARGS:-})
   case "$backend:$launcher" in
     single:*)              HVD_LAUNCH=(srun --ntasks=1 hvdtrain) ;;
-    horovod:srun|mpi:srun) HVD_LAUNCH=(srun --mpi=pmix "${prog[@]}") ;;
-    horovod:mpirun|mpi:mpirun)
+    horovod:srun|mpi:srun|ddp:srun) HVD_LAUNCH=(srun --mpi=pmix "${prog[@]}") ;;
+    horovod:mpirun|mpi:mpirun|ddp:mpirun)
                            HVD_LAUNCH=(mpirun -np "$np" "${mpirun_args[@]}" "${prog[@]}") ;;
     horovod:horovodrun)    HVD_LAUNCH=(horovodrun -np "$np" -H "$(hvd_hostlist)" hvdtrain) ;;
-    mpi:horovodrun)        hvd_die "HVDTRAIN_LAUNCHER=horovodrun starts Horovod jobs only; use srun or mpirun for HVDTRAIN_BACKEND=mpi" ;;
-    *) hvd_die "unknown HVDTRAIN_BACKEND='$backend' or HVDTRAIN_LAUNCHER='$launcher' (backends: horovod mpi single; launchers: srun mpirun horovodrun)" ;;
+    mpi:horovodrun|ddp:horovodrun)
+                           hvd_die "HVDTRAIN_LAUNCHER=horovodrun starts Horovod jobs only; use srun or mpirun for HVDTRAIN_BACKEND=$backend" ;;
+    *) hvd_die "unknown HVDTRAIN_BACKEND='$backend' or HVDTRAIN_LAUNCHER='$launcher' (backends: horovod mpi ddp single; launchers: srun mpirun horovodrun)" ;;
   esac
 }
 

@@ -1,0 +1,126 @@
+"""`hvdtrain bench synthetic` on tiny settings: it runs every row, synthetic.json is well formed and
+its numbers are sane; bad arguments are one line and exit 2 before anything is launched.
+
+Not a timed test: img/s depends on the machine and its load; only sanity is checked.
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from hvdtrain import bench_synthetic as B
+from hvdtrain.launch import run
+
+NP = 2
+ITERS = 3
+# Every row but the hand-written Horovod loop under hvdtrain's environment: the same code as the
+# stock hand-written row (only the launch environment differs), left out to keep the test short.
+SELECTED = [name for name in B.strategy_names() if name != "horovod-hand-env"]
+TINY = ["--np", str(NP), "--model", "hvdtrain.examples.digits_cnn:DigitsCNN", "--model-args",
+        '{"num_classes": 10}', "--channels", "1", "--image-size", "8", "--batch-size", "8",
+        "--num-warmup-batches", "1", "--num-batches-per-iter", "2", "--num-iters", str(ITERS)]
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], str]:
+    out = tmp_path_factory.mktemp("bench-synthetic")
+    cmd = [sys.executable, "-m", "hvdtrain", "bench", "synthetic", *TINY, "--strategies", ",".join(SELECTED),
+           "--out", str(out)]
+    result = run(cmd, timeout=300)
+    assert result.returncode == 0, result.stdout[-4000:]
+    return json.loads((out / "synthetic.json").read_text()), result.stdout
+
+
+@pytest.mark.mpi
+def test_every_registry_strategy_and_peer_has_a_row(bench: tuple[dict[str, Any], str]) -> None:
+    from hvdtrain.strategies import variants
+    data, stdout = bench
+    labels = [r["strategy"] for r in data["rows"]]
+    expected = [v.label for v in variants([1])] + ["horovod (hand-written)", "ddp (hand-written)", "plain torch"]
+    assert sorted(labels) == sorted(expected) and not data["failed"]
+    assert {r["strategy"]: r["ranks"] for r in data["rows"]}["plain torch"] == 1
+    assert all(r["ranks"] == NP for r in data["rows"] if r["strategy"] != "plain torch")
+    for header in ("img/s per rank", "img/s total", "vs hand-written hvd", "vs plain"):
+        assert header in stdout
+
+
+@pytest.mark.mpi
+def test_numbers_are_sane(bench: tuple[dict[str, Any], str]) -> None:
+    for r in bench[0]["rows"]:
+        where = r["strategy"]
+        mean, ci, total = r["img_per_sec_per_rank_mean"], r["img_per_sec_per_rank_ci95"], r["img_per_sec_total"]
+        assert math.isfinite(mean) and mean > 0 and math.isfinite(ci) and ci >= 0, where
+        assert total == pytest.approx(mean * r["ranks"]), where
+        assert len(r["img_per_sec_by_rank"]) == r["ranks"], where
+        assert all(len(v) == ITERS and all(math.isfinite(x) and x > 0 for x in v)
+                   for v in r["img_per_sec_by_rank"]), where
+        assert r["threads"] == [1] * r["ranks"], where  # 2 cores // 2 ranks here; set on every rank
+        assert r["vs_plain"] > 0 and (r["ranks"] != NP or r["vs_handwritten_horovod"] > 0), where
+    by = {r["strategy"]: r for r in bench[0]["rows"]}
+    assert by["plain torch"]["vs_plain"] == 1 and by["horovod (hand-written)"]["vs_handwritten_horovod"] == 1
+
+
+@pytest.mark.mpi
+def test_meta_records_machine_and_settings(bench: tuple[dict[str, Any], str]) -> None:
+    meta = bench[0]["meta"]
+    assert meta["versions"]["torch"] and meta["versions"]["horovod"] and meta["cores"] >= 1
+    assert meta["threads_per_rank"] >= 1 and meta["settings"]["num_iters"] == ITERS
+    assert meta["settings"]["num_classes"] == 10 and "synthetic" in meta["command"]
+    assert "OMPI_MCA_mpi_yield_when_idle" in meta["rank_env"]["hvdtrain"]
+
+
+def test_totals_and_ratios() -> None:
+    rec = [{"img_per_sec": [10.0, 30.0], "threads": 1}, {"img_per_sec": [20.0, 20.0], "threads": 1}]
+    hand, mine, plain = (B.Job("horovod (hand-written)", "horovod-hand", "horovodrun", 2, "stock", []),
+                         B.Job("horovod", "strategy", "horovodrun", 2, "hvdtrain", []),
+                         B.Job("plain torch", "plain", "python", 1, "stock", []))
+    rows = [B.row_of(hand, [rec]), B.row_of(mine, [rec, rec]),
+            B.row_of(plain, [[{"img_per_sec": [40.0], "threads": 2}]])]
+    B.add_ratios(rows)
+    assert rows[0]["img_per_sec_per_rank_mean"] == 20 and rows[0]["img_per_sec_total"] == 40
+    assert rows[0]["img_per_sec_per_rank_ci95"] == pytest.approx(1.96 * math.sqrt(50))
+    assert rows[1]["img_per_sec_by_rank"] == [[10, 30, 10, 30], [20, 20, 20, 20]]  # repeats pooled
+    assert rows[1]["vs_handwritten_horovod"] == 1 and rows[1]["vs_plain"] == 0.5
+    assert rows[2]["vs_handwritten_horovod"] is None and rows[2]["vs_plain"] == 1
+    assert "20.0 +- 13.9" in B.format_table(rows)
+
+
+@pytest.mark.parametrize("change, words", [
+    ({"--model": "no_such_module:Net"}, "no_such_module"),
+    ({"--model": "hvdtrain.examples.digits_cnn:NoSuchNet"}, "NoSuchNet"),
+    ({"--model-args": "{bad json"}, "--model-args"),
+    ({"--model-args": '{"no_such_arg": 1}'}, "no_such_arg"),
+    ({"--channels": "3"}, "--channels"),
+    ({"--num-iters": "0"}, "--num-iters"),
+    ({"--batch-size": "-1"}, "--batch-size"),
+    ({"--num-warmup-batches": "-1"}, "--num-warmup-batches"),
+    ({"--np": "0"}, "--np"),
+    ({"--strategies": "horovod,nccl"}, "'nccl'"),
+])
+def test_bad_arguments_are_one_line_before_any_launch(change: dict[str, str], words: str, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    argv = [*TINY, "--out", str(tmp_path / "out")]
+    for flag, value in change.items():
+        if flag in argv:
+            argv[argv.index(flag) + 1] = value
+        else:
+            argv += [flag, value]
+    try:
+        code = B.main(argv)
+    except SystemExit as exc:  # argparse-level errors (bad JSON) exit from the parser
+        code = exc.code
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.startswith("hvdtrain: error: ") and err.count("\n") == 1 and words in err, err
+    assert not (tmp_path / "out").exists()  # nothing launched, nothing written
+
+
+def test_cli_dispatches_synthetic(tmp_path: Path) -> None:
+    result = run([sys.executable, "-m", "hvdtrain", "bench", "synthetic", "--num-iters", "0", "--out",
+                  str(tmp_path)], timeout=120)
+    assert result.returncode == 2 and result.stdout.startswith("hvdtrain: error: --num-iters"), result.stdout
