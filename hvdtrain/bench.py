@@ -5,7 +5,7 @@ import importlib
 import sys
 
 KINDS = {"allreduce": "hvdtrain.bench_allreduce", "train": "hvdtrain.bench_train", "fit": "hvdtrain.bench_fit",
-         "synthetic": "hvdtrain.bench_synthetic"}
+         "synthetic": "hvdtrain.bench_synthetic", "convergence": "hvdtrain.bench_convergence"}
 
 
 def main(argv: list[str]) -> int:

@@ -277,7 +277,7 @@ def row_of(job: Job, records: list[list[dict[str, Any]]]) -> dict[str, Any]:
     return {"strategy": job.label, "ranks": job.ranks, "launcher": job.launcher, "env": job.env,
             "img_per_sec_per_rank_mean": mean, "img_per_sec_per_rank_ci95": float(1.96 * values.std()),
             "img_per_sec_total": mean * job.ranks, "img_per_sec_by_rank": per_rank,
-            "threads": [rep[r]["threads"] for rep in records for r in range(job.ranks)][:job.ranks]}
+            "threads": [records[0][r]["threads"] for r in range(job.ranks)]}
 
 
 def add_ratios(rows: list[dict[str, Any]]) -> None:

@@ -86,6 +86,10 @@ Host $NET.* hvd-h*
   UserKnownHostsFile $STATE/known_hosts
   GlobalKnownHostsFile /dev/null
   LogLevel ERROR
+  # A host whose link went down must not hang the launcher: mpirun (and horovodrun) wait on
+  # their ssh to each host, which without keepalives waits forever on a silent peer.
+  ServerAliveInterval 5
+  ServerAliveCountMax 3
   SendEnv HVDTRAIN_* OMP_NUM_THREADS THP_MEM_ALLOC_ENABLE
 Host *
   Include ~/.ssh/config

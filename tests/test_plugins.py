@@ -157,6 +157,16 @@ BAD = [
     ("warmup-negative", ["--warmup-steps", "-1"], "warmup_steps"),
     ("num-workers-negative", ["--num-workers", "-2"], "num_workers"),
     ("seed-negative", ["--seed", "-1"], "seed must be an integer >= 0"),
+    ("outer-unknown", ["--outer-optimizer", "adam"], "outer_optimizer 'adam' is unknown"),
+    ("outer-with-alpha", ["--outer-optimizer", "nesterov", "--alpha", "0.5"], "use --outer-lr instead of --alpha"),
+    ("outer-lr-zero", ["--outer-optimizer", "sgd", "--outer-lr", "0"], "outer_lr must be > 0"),
+    ("outer-momentum-one", ["--outer-optimizer", "sgd", "--outer-momentum", "1"], "outer_momentum"),
+    ("warmup-allreduce-negative", ["--warmup-allreduce-steps", "-4"], "warmup_allreduce_steps"),
+    ("hierarchy-one-value", ["--hierarchy", "4"], "K_LOCAL,K_GLOBAL"),
+    ("hierarchy-not-multiple", ["--hierarchy", "4,10"], "multiple of K_LOCAL"),
+    ("hierarchy-text", ["--hierarchy", "a,b"], "'a,b'"),
+    ("eval-every-negative", ["--eval-every", "-1"], "eval_every"),
+    ("ddp-accumulation", ["--backend", "ddp", "--backward-passes-per-step", "2"], "backward_passes_per_step 1"),
 ]
 
 

@@ -1,0 +1,380 @@
+"""`hvdtrain bench convergence`: does the MPI fallback reach Horovod's held-out loss, and sooner?
+
+A fixed matrix of workloads x learning rates x strategies; every cell is one `hvdtrain train`
+run, launched as `hvdtrain compare` launches them, at equal samples (same epochs, batch per rank
+and seed) with `--eval-every E`, E a multiple of every strategy's k (and the warm-up a multiple
+of k) so that the MPI fallback's replicas agree whenever they are evaluated. Per cell: the final
+held-out loss (and accuracy), its gap to Horovod's, and the training seconds to reach Horovod's
+final held-out loss (the first evaluation at or below it, interpolated linearly from the one
+before; "never" if none), also as a ratio to Horovod's own time to that loss.
+
+Workloads: cnn (digits CNN, adam), mlp (built-in regression, sgd + momentum), resnet (ResNet-18
+on small generated images, sgd + momentum). Strategies: horovod; mpi k=1; mpi k=K; k=K after a
+gradient warm-up (post-local SGD); k=K with an outer Nesterov optimizer (DiLoCo's lr 0.7,
+momentum 0.9); k=K with warm-up and a tuned outer Nesterov; and, with --hosts-from-env (ranks
+across the hosts in $HOSTS, e.g. from mpi_jobs/cluster_local.sh), the hierarchical 4,K, which on
+one host would equal k=4. Writes OUT/convergence.json, OUT/convergence.md, OUT/loss_vs_time_*.png.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hvdtrain import data as D
+from hvdtrain import tables
+from hvdtrain.checkpoint import atomic_write_text
+from hvdtrain.errors import ConfigError
+from hvdtrain.strategies import STRATEGIES, Variant
+
+TUNED_OUTER = (1.0, 0.5)
+"""Outer Nesterov lr, momentum of the tuned variant: with only tens of syncs per run DiLoCo's
+0.7/0.9 (tuned for hundreds) overshoots; lr 1 keeps plain averaging's step, momentum 0.5 adds a
+little (SlowMo's regime)."""
+
+
+@dataclass(frozen=True)
+class Workload:
+    flags: tuple[str, ...]      # model, data, optimizer: what `hvdtrain train` gets besides lr
+    lrs: tuple[float, ...]
+    epochs: int
+    batch: int
+    size: int                   # training rows (regression), images (resnet); 0: fixed (digits)
+    env: dict[str, str] = field(default_factory=dict)
+
+
+WORKLOADS = {
+    "cnn": Workload(("--model", "hvdtrain.examples.digits_cnn:DigitsCNN",
+                     "--data", "hvdtrain.examples.digits_cnn:digits_datasets", "--optimizer", "adam"),
+                    (0.001, 0.003), epochs=12, batch=32, size=0),
+    "mlp": Workload(("--model", "mlp", "--hidden", "64,64", "--optimizer", "sgd", "--momentum", "0.9"),
+                    (0.01, 0.03), epochs=3, batch=64, size=16384),
+    "resnet": Workload(("--model", "hvdtrain.examples.resnet:resnet18", "--model-args", '{"num_classes": 10}',
+                        "--data", "hvdtrain.examples.images:image_datasets", "--optimizer", "sgd",
+                        "--momentum", "0.9"),
+                       (0.01, 0.05), epochs=4, batch=16, size=1024, env={"HVDTRAIN_IMAGE_SIZE": "16"}),
+}
+TINY = {"cnn": dict(lrs=(0.003,), epochs=2, batch=32),
+        "mlp": dict(lrs=(0.03,), epochs=3, batch=64, size=2048),
+        "resnet": dict(lrs=(0.05,), epochs=3, batch=8, size=128, env={"HVDTRAIN_IMAGE_SIZE": "8"})}
+TINY_K = 4
+
+
+def train_rows(name: str, w: Workload) -> int:
+    if name == "cnn":
+        from hvdtrain.examples.digits_cnn import DigitsImages
+        return len(DigitsImages("train"))
+    return w.size
+
+
+def total_steps(name: str, w: Workload, np: int) -> int:
+    return D.steps_per_epoch(D.block_sizes(train_rows(name, w), np), w.batch) * w.epochs
+
+
+def strategies(k: int, warmup: int, hierarchy: bool) -> list[tuple[str, Variant]]:
+    """(key, variant) in run order, Horovod first: the others are judged against it."""
+    hvd, mpi = STRATEGIES["horovod"].launcher, STRATEGIES["mpi"].launcher
+    periodic = ["--backend", "mpi", "--sync-every", str(k)]
+    warm = ["--warmup-allreduce-steps", str(warmup)]
+    out = [("horovod", Variant("horovod", hvd, ["--backend", "horovod"])),
+           ("k1", Variant("mpi k=1", mpi, ["--backend", "mpi", "--sync-every", "1"])),
+           ("k", Variant(f"mpi k={k}", mpi, periodic)),
+           ("warmup", Variant(f"k={k} +warm-up", mpi, periodic + warm)),
+           ("nesterov", Variant(f"k={k} +nesterov .7/.9", mpi, periodic + [
+               "--outer-optimizer", "nesterov", "--outer-lr", "0.7", "--outer-momentum", "0.9"])),
+           ("tuned", Variant(f"k={k} +warm-up +nesterov {TUNED_OUTER[0]:g}/{TUNED_OUTER[1]:g}", mpi, periodic + warm + [
+               "--outer-optimizer", "nesterov", "--outer-lr", str(TUNED_OUTER[0]),
+               "--outer-momentum", str(TUNED_OUTER[1])]))]
+    if hierarchy:
+        out.append(("hier", Variant(f"hier {max(1, k // 4)},{k}", mpi,
+                                    ["--backend", "mpi", "--hierarchy", f"{max(1, k // 4)},{k}"])))
+    return out
+
+
+def multiple_of(k: int, value: float, lo: int) -> int:
+    return max(lo, k * round(value / k))
+
+
+# --- what the runs mean ---------------------------------------------------------------------------
+
+def time_to(evals: list[dict[str, Any]], target: float) -> float | None:
+    """Training seconds at which held-out loss first reaches `target`: linear between the first
+    evaluation at or below it and the one before; None if no evaluation gets there."""
+    prev = None
+    for row in evals:
+        if row["eval_loss"] <= target:
+            if prev is None or prev["eval_loss"] == row["eval_loss"]:
+                return float(row["train_seconds"])
+            frac = (prev["eval_loss"] - target) / (prev["eval_loss"] - row["eval_loss"])
+            return float(prev["train_seconds"] + frac * (row["train_seconds"] - prev["train_seconds"]))
+        prev = row
+    return None
+
+
+def judge(cells: list[dict[str, Any]]) -> None:
+    """Add gap and time-to-target fields to every cell, against its (workload, lr)'s Horovod."""
+    base = {(c["workload"], c["lr"]): c for c in cells if c["key"] == "horovod" and c.get("evals")}
+    for c in cells:
+        hvd = base.get((c["workload"], c["lr"]))
+        if not c.get("evals") or hvd is None:
+            continue
+        target = hvd["evals"][-1]["eval_loss"]
+        final, hvd_time = c["evals"][-1], time_to(hvd["evals"], target)
+        c["target_loss"], c["eval_loss"] = target, final["eval_loss"]
+        c["gap"] = (final["eval_loss"] - target) / target
+        if "eval_accuracy" in final:
+            c["eval_accuracy"] = final["eval_accuracy"]
+            c["accuracy_gap"] = final["eval_accuracy"] - hvd["evals"][-1]["eval_accuracy"]
+        c["time_to_target"] = time_to(c["evals"], target)
+        c["time_ratio"] = (None if c["time_to_target"] is None or not hvd_time
+                           else c["time_to_target"] / hvd_time)
+
+
+COLUMNS = [("workload", "workload", "{}"), ("lr", "lr", "{:g}"), ("strategy", "strategy", "{}"),
+           ("eval loss", "eval_loss", "{:.5g}"), ("acc", "eval_accuracy", "{:.4f}"),
+           ("gap %", "gap_pct", "{:+.2f}"), ("to target s", "to_target", "{}"), ("x horovod", "ratio", "{}"),
+           ("train s", "train_seconds", "{:.2f}"), ("MB/rank", "mb", "{:.2f}")]
+
+
+def format_table(cells: list[dict[str, Any]], markdown: bool = False) -> str:
+    rows = []
+    for c in cells:
+        never = "failed" if c.get("error") else "never"
+        t, r = c.get("time_to_target"), c.get("time_ratio")
+        rows.append({**c, "gap_pct": None if c.get("gap") is None else 100 * c["gap"],
+                     "to_target": never if t is None else f"{t:.2f}",
+                     "ratio": never if r is None else f"{r:.2f}",
+                     "mb": c["bytes_communicated"] / 1e6 if "bytes_communicated" in c else None})
+    return tables.format_table(COLUMNS, rows, markdown)
+
+
+def goals(cells: list[dict[str, Any]], k: int) -> list[str]:
+    """The issue's goals as lines: best of the k=K remedies within 1%; time ratio <= 0.5."""
+    lines = []
+    for (w, lr) in dict.fromkeys((c["workload"], c["lr"]) for c in cells):
+        mine = [c for c in cells if (c["workload"], c["lr"]) == (w, lr) and c.get("gap") is not None]
+        fixes = [c for c in mine if c["key"] in ("warmup", "nesterov", "tuned")]
+        best = min(fixes, key=lambda c: c["gap"], default=None)
+        fast = min((c for c in mine if c["key"] != "horovod" and c.get("time_ratio") is not None),
+                   key=lambda c: c["time_ratio"], default=None)
+        gap = "no result" if best is None else (
+            f"{'MET' if best['gap'] <= 0.01 else 'missed'}: best k={k} remedy {best['strategy']} gap {100 * best['gap']:+.2f}%")
+        speed = "nothing reached the target" if fast is None else (
+            f"fastest {fast['strategy']} {fast['time_ratio']:.2f}x horovod")
+        lines.append(f"{w} lr {lr:g}: {gap}; {speed}")
+    return lines
+
+
+# --- running it -----------------------------------------------------------------------------------
+
+def hosts_from_env(np: int) -> str:
+    """$HOSTS (as cluster_local.sh exports it) with np spread evenly: H1:np/n,H2:np/n."""
+    from hvdtrain.launch import parse_hosts
+    names = [h.strip().rsplit(":", 1)[0] for h in os.environ.get("HOSTS", "").split(",") if h.strip()]
+    if not names:
+        raise ValueError("--hosts-from-env needs $HOSTS (H1:slots,H2:slots); run "
+                         "`eval \"$(mpi_jobs/cluster_local.sh up 2)\"` first, or drop --hosts-from-env")
+    if np % len(names):
+        raise ValueError(f"--np {np} does not spread evenly over the {len(names)} hosts in $HOSTS; "
+                         f"use --np {len(names) * max(1, np // len(names))}")
+    return parse_hosts(",".join(f"{h}:{np // len(names)}" for h in names), np)
+
+
+def run_cell(v: Variant, np: int, argv: list[str], env: dict[str, str], hosts: str | None,
+             run_dir: Path, log: Path, timeout: float) -> dict[str, Any]:
+    from hvdtrain.launch import horovodrun_cmd, launcher_env, mpirun_cmd, run
+    argv = ["hvdtrain", "train", *argv, *v.flags, "--out", str(run_dir), "--overwrite"]
+    if v.launcher == "horovodrun":
+        cmd = horovodrun_cmd(np, argv, hosts=hosts)  # horovodrun forwards its whole environment
+    else:  # mpirun forwards OMPI_* only: the workload's variables go to other hosts' ranks with -x
+        cmd = mpirun_cmd(np, argv, hosts=hosts)
+        cmd[1:1] = [a for var in env for a in ("-x", var)]
+    print(f"$ {' '.join(cmd)}", flush=True)
+    load = os.getloadavg()[0]
+    result = run(cmd, timeout=timeout, env=launcher_env({"PYTHONUNBUFFERED": "1", **env}))
+    log.parent.mkdir(parents=True, exist_ok=True)
+    log.write_text(result.stdout)
+    cell: dict[str, Any] = {"command": cmd, "load_before": load}
+    if result.returncode != 0:
+        tail = " | ".join(result.stdout.strip().splitlines()[-3:])
+        return {**cell, "error": f"exited {result.returncode}: {tail}; see {log}"}
+    summary = json.loads((run_dir / "summary.json").read_text())
+    evals = [json.loads(ln) for ln in (run_dir / "evals.jsonl").read_text().splitlines() if ln.strip()]
+    keep = ("train_seconds", "wall_seconds", "samples", "steps", "bytes_communicated", "comm_seconds",
+            "samples_per_sec")
+    return {**cell, **{k: summary[k] for k in keep}, "evals": evals}
+
+
+def plot(cells: list[dict[str, Any]], out: Path, title: str) -> list[str]:
+    """One PNG per workload: held-out loss vs training seconds, one panel per lr, a line per strategy."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    names = []
+    for w in dict.fromkeys(c["workload"] for c in cells):
+        lrs = list(dict.fromkeys(c["lr"] for c in cells if c["workload"] == w))
+        fig, axes = plt.subplots(1, len(lrs), figsize=(6.5 * len(lrs), 4.8), squeeze=False)
+        for ax, lr in zip(axes[0], lrs):
+            mine = [c for c in cells if (c["workload"], c["lr"]) == (w, lr) and c.get("evals")]
+            for i, c in enumerate(mine):
+                ax.plot([e["train_seconds"] for e in c["evals"]], [e["eval_loss"] for e in c["evals"]],
+                        label=c["strategy"], marker=".", linewidth=1.3, linestyle=("-", "--", ":", "-.")[i % 4])
+            if mine and "target_loss" in mine[0]:
+                ax.axhline(mine[0]["target_loss"], color="gray", linewidth=0.8, linestyle=":")
+            if all(e["eval_loss"] > 0 for c in mine for e in c["evals"]):
+                ax.set_yscale("log")
+            ax.set(xlabel="training seconds (evaluations excluded)", ylabel="held-out loss", title=f"lr {lr:g}")
+            ax.grid(True, alpha=0.3)
+            ax.legend(fontsize=7)
+        fig.suptitle(f"{title}\n{w}: held-out loss vs training time (dotted: Horovod's final loss)", fontsize=9)
+        fig.tight_layout()
+        name = f"loss_vs_time_{w}.png"
+        fig.savefig(out / name, dpi=100)
+        plt.close(fig)
+        names.append(name)
+    return names
+
+
+def build_parser() -> Any:
+    from hvdtrain.cli import Parser
+    p = Parser(prog="hvdtrain bench convergence", description=__doc__.split("\n\n")[0])
+    p.add_argument("--workloads", default=",".join(WORKLOADS), help=f"comma list of {', '.join(WORKLOADS)}")
+    p.add_argument("--lrs", default="", help="comma list: LR (every workload) or WORKLOAD=LR entries; "
+                                             "default per workload (" + "; ".join(
+                                                 f"{n} {','.join(map(str, w.lrs))}" for n, w in WORKLOADS.items()) + ")")
+    p.add_argument("--epochs", type=int, default=0, help="epochs of every workload (0: each its own)")
+    p.add_argument("--np", type=int, default=2, help="ranks per run")
+    p.add_argument("--k", type=int, default=0, help=f"sync_every of the periodic strategies (default 16, {TINY_K} with --tiny)")
+    p.add_argument("--warmup-fraction", type=float, default=0.25,
+                   help="gradient warm-up as a share of the steps (rounded to a multiple of k)")
+    p.add_argument("--eval-every", type=int, default=0, help="a multiple of k; 0: about --evals per run")
+    p.add_argument("--evals", type=int, default=12, help="evaluations per run when --eval-every is 0")
+    p.add_argument("--strategies", default="", help="comma list of keys to run (horovod always): "
+                                                    "k1,k,warmup,nesterov,tuned,hier")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="runs/bench-convergence")
+    p.add_argument("--tiny", action="store_true", help="CI settings: one lr, a few steps, small data, k=4")
+    p.add_argument("--hosts-from-env", action="store_true",
+                   help="run across the hosts in $HOSTS (mpi_jobs/cluster_local.sh up), np spread evenly; adds hier")
+    p.add_argument("--network-label", default="", help="how the ranks are connected, for titles and JSON")
+    p.add_argument("--timeout", type=float, default=900, help="seconds per run")
+    return p
+
+
+def settings(args: Any) -> tuple[dict[str, Workload], int]:
+    """The workloads (with --tiny, --epochs, --lrs applied) and k; ValueError names the fix."""
+    names = [n.strip() for n in args.workloads.split(",") if n.strip()]
+    bad = [n for n in names if n not in WORKLOADS]
+    if not names or bad:
+        raise ValueError(f"--workloads {args.workloads!r}: unknown {bad or 'empty'}; use a comma list of {', '.join(WORKLOADS)}")
+    if args.np < 2 or args.epochs < 0 or args.evals < 1 or args.k < 0 or args.eval_every < 0 or args.seed < 0:
+        raise ValueError(f"need --np >= 2, --epochs >= 0, --evals >= 1, --k >= 0, --eval-every >= 0, --seed >= 0 "
+                         f"(got {args.np}, {args.epochs}, {args.evals}, {args.k}, {args.eval_every}, {args.seed}); "
+                         f"e.g. --np 2 --epochs 3")
+    if not 0 < args.warmup_fraction < 1:
+        raise ValueError(f"--warmup-fraction {args.warmup_fraction} must be in (0, 1); e.g. 0.25")
+    k = args.k or (TINY_K if args.tiny else 16)
+    if args.eval_every % k:
+        raise ValueError(f"--eval-every {args.eval_every} is not a multiple of k={k}: replicas would be evaluated "
+                         f"between syncs; use --eval-every {k * max(1, args.eval_every // k)}")
+    chosen = {n: WORKLOADS[n] for n in names}
+    if args.tiny:
+        chosen = {n: Workload(**{**w.__dict__, **TINY[n]}) for n, w in chosen.items()}
+    if args.epochs:
+        chosen = {n: Workload(**{**w.__dict__, "epochs": args.epochs}) for n, w in chosen.items()}
+    given: dict[str, list[float]] = {}
+    for entry in (e.strip() for e in args.lrs.split(",") if e.strip()):
+        name, _, value = entry.rpartition("=")
+        try:
+            lr = float(value)
+        except ValueError:
+            lr = math.nan
+        if (name and name not in chosen) or not (math.isfinite(lr) and lr > 0):
+            raise ValueError(f"--lrs entry {entry!r} is not LR or WORKLOAD=LR with LR > 0 and WORKLOAD one of "
+                             f"{', '.join(chosen)}; e.g. --lrs 0.01,0.03 or --lrs cnn=0.003,mlp=0.03")
+        for n in [name] if name else chosen:
+            given.setdefault(n, []).append(lr)
+    return {n: Workload(**{**w.__dict__, "lrs": tuple(given.get(n, w.lrs))}) for n, w in chosen.items()}, k
+
+
+def main(argv: list[str]) -> int:
+    from hvdtrain.bench_allreduce import link_shaping
+    from hvdtrain.bench_train import machine
+    from hvdtrain.cli import check_train_args
+    args = build_parser().parse_args(argv)
+    try:  # everything is checked before anything is launched or written
+        workloads, k = settings(args)
+        hosts = hosts_from_env(args.np) if args.hosts_from_env else None
+        keys = {key for key, _ in strategies(k, k, True)}
+        wanted = {s.strip() for s in args.strategies.split(",") if s.strip()} | {"horovod"}
+        if args.strategies and not wanted <= keys:
+            raise ValueError(f"--strategies {args.strategies!r}: unknown {sorted(wanted - keys)}; use some of "
+                             f"{', '.join(sorted(keys))}")
+        out = Path(args.out).resolve()
+        plan = {}
+        for name, w in workloads.items():
+            steps = total_steps(name, w, args.np)
+            if steps < 2 * k:
+                raise ValueError(f"workload {name} has {steps} steps at --np {args.np}, fewer than 2 k = {2 * k}; "
+                                 f"use more --epochs or a smaller --k")
+            warmup = min(multiple_of(k, args.warmup_fraction * steps, k), k * ((steps - 1) // k))
+            evals = args.eval_every or multiple_of(k, steps / args.evals, k)
+            runs = [(key, v) for key, v in strategies(k, warmup, hosts is not None)
+                    if not args.strategies or key in wanted]
+            common = [*w.flags, "--epochs", str(w.epochs), "--batch-size", str(w.batch), "--seed", str(args.seed),
+                      "--eval-every", str(evals)] + (["--rows", str(w.size)] if name == "mlp" else [])
+            plan[name] = {"steps": steps, "warmup": warmup, "eval_every": evals, "common": common,
+                          "runs": runs}
+            for lr in w.lrs:
+                for _, v in runs:
+                    check_train_args([*common, "--data", "regression", *v.flags, "--lr", str(lr), "--out", str(out)]
+                                     if name == "mlp" else [*common, *v.flags, "--lr", str(lr), "--out", str(out)])
+    except (ValueError, ConfigError) as exc:
+        sys.stderr.write(f"hvdtrain: error: {exc}\n")
+        return 2
+    shaping = link_shaping() if hosts else None
+    label = args.network_label or (f"{hosts} ({shaping['summary'] if shaping else 'no cluster info'})"
+                                   if hosts else "one host (shared memory)")
+    load_before = os.getloadavg()
+    cells: list[dict[str, Any]] = []
+    for name, w in workloads.items():
+        p = plan[name]
+        data = []
+        if name == "mlp":
+            folder = D.builtin_folder(out, "regression", w.size, args.seed)
+            if not (folder / "meta.json").is_file():
+                D.make_dataset("regression", folder, rows=w.size, seed=args.seed)
+            data = ["--data", str(folder)]
+        env = {**w.env, **({"HVDTRAIN_IMAGES": str(w.size)} if name == "resnet" else {})}
+        for lr in w.lrs:
+            for key, v in p["runs"]:
+                slug = f"{name}/lr{lr:g}/{v.label.replace(' ', '_').replace('=', '').replace('/', '-')}"
+                cell = run_cell(v, args.np, [*p["common"], *data, "--lr", str(lr)], env, hosts,
+                                out / "runs" / slug, out / "logs" / f"{slug.replace('/', '-')}.log", args.timeout)
+                cells.append({"workload": name, "lr": lr, "key": key, "strategy": v.label, "flags": v.flags, **cell})
+                if "error" in cell:
+                    sys.stderr.write(f"hvdtrain: {name} lr {lr:g} {v.label}: {cell['error']}\n")
+    judge(cells)
+    title = (f"hvdtrain bench convergence: {args.np} ranks, {label}, k={k}, seed {args.seed}"
+             + (" (tiny)" if args.tiny else ""))
+    meta = {**machine(), "load_before": load_before, "load_after": os.getloadavg(),
+            "network": {"label": label, "hosts": hosts or "local", "link_shaping": shaping},
+            "settings": {**vars(args), "k": k, "tuned_outer": TUNED_OUTER},
+            "workloads": {n: {**w.__dict__, **{x: plan[n][x] for x in ("steps", "warmup", "eval_every", "common")},
+                              "strategies": {key: v.flags for key, v in plan[n]["runs"]}}
+                          for n, w in workloads.items()}}
+    atomic_write_text(json.dumps({"meta": meta, "cells": cells}, indent=2) + "\n", out / "convergence.json")
+    summary = goals(cells, k)
+    print(f"\n{title}\n{format_table(cells)}\n\n" + "\n".join(summary))
+    atomic_write_text(f"# {title}\n\n{format_table(cells, markdown=True)}\n\n" + "".join(f"- {s}\n" for s in summary)
+                      + "".join(f"\n![{n}]({n})\n" for n in plot(cells, out, title)), out / "convergence.md")
+    print(f"\nwrote {out}/convergence.json, {out}/convergence.md and plots")
+    failed = [c for c in cells if "error" in c]
+    if failed:
+        sys.stderr.write(f"hvdtrain: error: {len(failed)} of {len(cells)} runs failed; see {out}/logs\n")
+        return 1
+    return 0
