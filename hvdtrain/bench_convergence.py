@@ -106,6 +106,8 @@ def time_to(evals: list[dict[str, Any]], target: float) -> float | None:
     evaluation at or below it and the one before; None if no evaluation gets there."""
     prev = None
     for row in evals:
+        if row["eval_loss"] is None:  # diverged (NaN): no later row counts as reaching the target
+            return None
         if row["eval_loss"] <= target:
             if prev is None or prev["eval_loss"] == row["eval_loss"]:
                 return float(row["train_seconds"])
@@ -123,10 +125,13 @@ def judge(cells: list[dict[str, Any]]) -> None:
         if not c.get("evals") or hvd is None:
             continue
         target = hvd["evals"][-1]["eval_loss"]
+        if target is None:  # Horovod itself diverged: nothing to judge against
+            continue
         final, hvd_time = c["evals"][-1], time_to(hvd["evals"], target)
         c["target_loss"], c["eval_loss"] = target, final["eval_loss"]
-        c["gap"] = (final["eval_loss"] - target) / target
-        if "eval_accuracy" in final:
+        c["diverged"] = final["eval_loss"] is None
+        c["gap"] = None if c["diverged"] else (final["eval_loss"] - target) / target
+        if final.get("eval_accuracy") is not None and hvd["evals"][-1].get("eval_accuracy") is not None:
             c["eval_accuracy"] = final["eval_accuracy"]
             c["accuracy_gap"] = final["eval_accuracy"] - hvd["evals"][-1]["eval_accuracy"]
         c["time_to_target"] = time_to(c["evals"], target)
@@ -143,7 +148,7 @@ COLUMNS = [("workload", "workload", "{}"), ("lr", "lr", "{:g}"), ("strategy", "s
 def format_table(cells: list[dict[str, Any]], markdown: bool = False) -> str:
     rows = []
     for c in cells:
-        never = "failed" if c.get("error") else "never"
+        never = "failed" if c.get("error") else "diverged" if c.get("diverged") else "never"
         t, r = c.get("time_to_target"), c.get("time_ratio")
         rows.append({**c, "gap_pct": None if c.get("gap") is None else 100 * c["gap"],
                      "to_target": never if t is None else f"{t:.2f}",
@@ -184,6 +189,11 @@ def hosts_from_env(np: int) -> str:
     return parse_hosts(",".join(f"{h}:{np // len(names)}" for h in names), np)
 
 
+def finite(x: Any) -> Any:
+    """NaN/Inf (a diverged run) become None: convergence.json stays strict JSON."""
+    return None if isinstance(x, float) and not math.isfinite(x) else x
+
+
 def run_cell(v: Variant, np: int, argv: list[str], env: dict[str, str], hosts: str | None,
              run_dir: Path, log: Path, timeout: float) -> dict[str, Any]:
     from hvdtrain.launch import horovodrun_cmd, launcher_env, mpirun_cmd, run
@@ -203,7 +213,8 @@ def run_cell(v: Variant, np: int, argv: list[str], env: dict[str, str], hosts: s
         tail = " | ".join(result.stdout.strip().splitlines()[-3:])
         return {**cell, "error": f"exited {result.returncode}: {tail}; see {log}"}
     summary = json.loads((run_dir / "summary.json").read_text())
-    evals = [json.loads(ln) for ln in (run_dir / "evals.jsonl").read_text().splitlines() if ln.strip()]
+    evals = [{k: finite(x) for k, x in json.loads(ln).items()}
+             for ln in (run_dir / "evals.jsonl").read_text().splitlines() if ln.strip()]
     keep = ("train_seconds", "wall_seconds", "samples", "steps", "bytes_communicated", "comm_seconds",
             "samples_per_sec")
     return {**cell, **{k: summary[k] for k in keep}, "evals": evals}
@@ -221,11 +232,12 @@ def plot(cells: list[dict[str, Any]], out: Path, title: str) -> list[str]:
         for ax, lr in zip(axes[0], lrs):
             mine = [c for c in cells if (c["workload"], c["lr"]) == (w, lr) and c.get("evals")]
             for i, c in enumerate(mine):
-                ax.plot([e["train_seconds"] for e in c["evals"]], [e["eval_loss"] for e in c["evals"]],
+                ax.plot([e["train_seconds"] for e in c["evals"]],
+                        [math.nan if e["eval_loss"] is None else e["eval_loss"] for e in c["evals"]],
                         label=c["strategy"], marker=".", linewidth=1.3, linestyle=("-", "--", ":", "-.")[i % 4])
             if mine and "target_loss" in mine[0]:
                 ax.axhline(mine[0]["target_loss"], color="gray", linewidth=0.8, linestyle=":")
-            if all(e["eval_loss"] > 0 for c in mine for e in c["evals"]):
+            if all(e["eval_loss"] is None or e["eval_loss"] > 0 for c in mine for e in c["evals"]):
                 ax.set_yscale("log")
             ax.set(xlabel="training seconds (evaluations excluded)", ylabel="held-out loss", title=f"lr {lr:g}")
             ax.grid(True, alpha=0.3)

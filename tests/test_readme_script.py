@@ -43,7 +43,7 @@ def test_readme_script_one_process(script):
 
 
 @pytest.mark.mpi
-@pytest.mark.parametrize("launcher,backend", [("horovodrun", "horovod"), ("mpirun", "mpi"),
+@pytest.mark.parametrize("launcher,backend", [("horovodrun", "horovod"), ("horovodrun", "mpi"), ("mpirun", "mpi"),
                                               ("mpirun", "horovod")])
 def test_readme_script_two_ranks(script, launcher, backend):
     argv = [str(script), backend]

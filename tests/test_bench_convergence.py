@@ -1,0 +1,138 @@
+"""`hvdtrain bench convergence` end to end on --tiny settings (np 2, one host), and its arithmetic.
+
+Not a timed test: only the JSON's shape and sanity are checked, and the derived numbers (gap to
+Horovod's final held-out loss, time to reach it) are recomputed here from the evaluations the
+JSON itself holds.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from hvdtrain.bench_convergence import TINY, TINY_K, WORKLOADS, strategies, time_to
+from hvdtrain.launch import run
+
+NP = 2
+
+
+def strict_json(text: str) -> Any:
+    def refuse(name: str) -> None:
+        raise ValueError(f"non-standard JSON constant {name}")
+    return json.loads(text, parse_constant=refuse)
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], str, Path]:
+    out = tmp_path_factory.mktemp("bench-convergence")
+    cmd = [sys.executable, "-m", "hvdtrain", "bench", "convergence", "--tiny", "--np", str(NP), "--out", str(out),
+           "--network-label", "ci one host", "--timeout", "300"]
+    result = run(cmd, timeout=600)
+    assert result.returncode == 0, result.stdout[-4000:]
+    return strict_json((out / "convergence.json").read_text()), result.stdout, out
+
+
+def interpolated_time(evals: list[dict[str, Any]], target: float) -> float | None:
+    """The definition, written out again: first row at or below target, linear from the row before."""
+    for i, row in enumerate(evals):
+        if row["eval_loss"] <= target:
+            if i == 0:
+                return row["train_seconds"]
+            a, b = evals[i - 1], row
+            if a["eval_loss"] == b["eval_loss"]:
+                return b["train_seconds"]
+            return a["train_seconds"] + (b["train_seconds"] - a["train_seconds"]) * \
+                (a["eval_loss"] - target) / (a["eval_loss"] - b["eval_loss"])
+    return None
+
+
+@pytest.mark.mpi
+def test_every_cell_is_there_with_finite_losses(bench: tuple[dict[str, Any], str, Path]) -> None:
+    data, stdout, _ = bench
+    meta = data["meta"]
+    assert meta["settings"]["tiny"] and meta["settings"]["np"] == NP and meta["settings"]["k"] == TINY_K
+    assert meta["network"]["label"] == "ci one host" and meta["network"]["hosts"] == "local"
+    assert meta["cores"] >= 1 and meta["versions"]["torch"]
+    expected = set()
+    for name in WORKLOADS:
+        w = meta["workloads"][name]
+        assert w["eval_every"] % TINY_K == 0 and w["warmup"] % TINY_K == 0 and 0 < w["warmup"] < w["steps"]
+        keys = [key for key, _ in strategies(TINY_K, w["warmup"], hierarchy=False)]
+        assert list(w["strategies"]) == keys
+        expected |= {(name, lr, key) for lr in TINY[name]["lrs"] for key in keys}
+    got = [(c["workload"], c["lr"], c["key"]) for c in data["cells"]]
+    assert len(got) == len(set(got)) and set(got) == expected
+    for c in data["cells"]:
+        where = f"{c['workload']} lr {c['lr']} {c['strategy']}"
+        assert "error" not in c, where
+        assert c["evals"] and all(math.isfinite(e["eval_loss"]) for e in c["evals"]), where
+        steps = [e["step"] for e in c["evals"]]
+        assert steps == sorted(steps) and steps[-1] == meta["workloads"][c["workload"]]["steps"] == c["steps"], where
+        every = meta["workloads"][c["workload"]]["eval_every"]
+        assert all(s % every == 0 for s in steps[:-1]), where
+        assert c["eval_loss"] == c["evals"][-1]["eval_loss"] and c["train_seconds"] > 0, where
+        if c["workload"] != "mlp":
+            assert 0 <= c["eval_accuracy"] <= 1, where
+        assert c["strategy"] in stdout, where
+
+
+@pytest.mark.mpi
+def test_gaps_and_times_follow_from_the_evaluations(bench: tuple[dict[str, Any], str, Path]) -> None:
+    cells = bench[0]["cells"]
+    for c in cells:
+        hvd = next(h for h in cells if (h["workload"], h["lr"], h["key"]) == (c["workload"], c["lr"], "horovod"))
+        target = hvd["evals"][-1]["eval_loss"]
+        where = f"{c['workload']} lr {c['lr']} {c['strategy']}"
+        assert c["target_loss"] == target, where
+        assert c["gap"] == pytest.approx((c["evals"][-1]["eval_loss"] - target) / target, rel=1e-12, abs=1e-15), where
+        mine, theirs = interpolated_time(c["evals"], target), interpolated_time(hvd["evals"], target)
+        if mine is None:
+            assert c["time_to_target"] is None and c["time_ratio"] is None, where
+        else:
+            assert c["time_to_target"] == pytest.approx(mine, rel=1e-12), where
+            assert c["time_ratio"] == pytest.approx(mine / theirs, rel=1e-12), where
+        if c["key"] == "horovod":
+            assert c["gap"] == 0 and c["time_ratio"] == 1.0, where
+            assert c["time_to_target"] <= c["evals"][-1]["train_seconds"], where
+
+
+@pytest.mark.mpi
+def test_table_and_plots_are_written(bench: tuple[dict[str, Any], str, Path]) -> None:
+    _, stdout, out = bench
+    assert "to target s" in stdout and "x horovod" in stdout
+    assert "| workload |" in (out / "convergence.md").read_text()
+    for name in WORKLOADS:
+        png = (out / f"loss_vs_time_{name}.png").read_bytes()
+        assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000, name
+
+
+def test_time_to_target_interpolates_and_says_never() -> None:
+    evals = [{"step": 4, "train_seconds": 1.0, "eval_loss": 2.0},
+             {"step": 8, "train_seconds": 2.0, "eval_loss": 1.0},
+             {"step": 12, "train_seconds": 3.0, "eval_loss": 0.5}]
+    assert time_to(evals, 1.5) == pytest.approx(1.5)
+    assert time_to(evals, 0.5) == pytest.approx(3.0)
+    assert time_to(evals, 3.0) == pytest.approx(1.0)    # already there at the first evaluation
+    assert time_to(evals, 0.1) is None
+    assert time_to([*evals[:1], {"step": 8, "train_seconds": 2.0, "eval_loss": None}, *evals[1:]], 0.5) is None
+
+
+@pytest.mark.parametrize("args", [["--workloads", "cnn,vgg"], ["--lrs", "cnn=fast"], ["--lrs", "-0.1"],
+                                  ["--np", "1"], ["--k", "16", "--eval-every", "24"], ["--strategies", "k,ddp"],
+                                  ["--hosts-from-env"], ["--workloads", "cnn", "--epochs", "1", "--k", "64"],
+                                  ["--nonsense"]])
+def test_bad_arguments_exit_2_with_one_line_before_launching(args: list[str], tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    env = {k: v for k, v in os.environ.items() if k != "HOSTS"}
+    result = subprocess.run([sys.executable, "-m", "hvdtrain", "bench", "convergence", *args, "--out", str(out)],
+                            capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == 2, result.stdout + result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("hvdtrain: error: "), result.stderr
+    assert result.stdout == "" and not out.exists()

@@ -1,0 +1,191 @@
+"""Faults across hosts of the local cluster (mpi_jobs/cluster_local.sh): a 2-host job, one rank
+per host, loses one host mid-run, by its link going down or by every process on it being
+SIGKILLed. The whole job must end non-zero by itself within the bound (never hang), under
+mpirun (--backend mpi and horovod) and horovodrun --gloo, and the last checkpoint stays intact.
+
+Bounds, from issue 10: link down -> within --collective-timeout + 30 s; host SIGKILLed -> 30 s.
+Each job runs under hvdtrain.launch.run (own process group, killed at a timeout well above the
+bound) in a thread, while the test injects the fault. Needs root. Every test gets a fresh
+cluster of 2 hosts (up takes ~1 s) and its teardown checks that no namespace, bridge, sshd,
+rank or state folder is left.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from hvdtrain.launch import TIMEOUT_EXIT, launcher_env, run
+
+if os.geteuid() != 0:
+    pytest.skip("needs root: the local cluster makes network namespaces, a bridge and sshds",
+                allow_module_level=True)
+
+pytestmark = pytest.mark.mpi
+
+ROOT = Path(__file__).resolve().parent.parent
+CLUSTER = ROOT / "mpi_jobs" / "cluster_local.sh"
+PY = sys.executable
+HOROVODRUN = str(Path(PY).parent / "horovodrun")
+COLLECTIVE_TIMEOUT = 20
+LINK_BOUND = COLLECTIVE_TIMEOUT + 30  # seconds from the link going down to the job's end
+KILL_BOUND = 30  # seconds from the host's processes being killed to the job's end
+JOB_TIMEOUT = 180  # hvdtrain.launch.run's limit: well above both bounds (a hang shows as 124)
+# Far more steps than the test waits for (156250 per rank): the job is always mid-run.
+TRAIN = ["train", "--rows", "200000", "--epochs", "50", "--batch-size", "32", "--checkpoint-every", "20",
+         "--collective-timeout", str(COLLECTIVE_TIMEOUT), "--log-every", "5", "--threads", "1"]
+MID_RUN_CHECKPOINT = "ckpt-00000040.pt"  # the fault comes once the second checkpoint is written
+
+
+def launcher_cmd(launcher: str, env: dict[str, str], out: Path) -> list[str]:
+    """Plain launcher lines, as a user types them after `eval "$(cluster_local.sh up 2)"`."""
+    mpirun = ["mpirun", "-np", "2", "--hostfile", env["HOSTFILE"], PY, "-m", "mpi4py", "-m", "hvdtrain", *TRAIN]
+    return {
+        "mpirun-mpi": mpirun + ["--backend", "mpi"],
+        "mpirun-horovod": mpirun + ["--backend", "horovod"],
+        "horovodrun-gloo": [HOROVODRUN, "-np", "2", "-H", env["HOSTS"], "--gloo", PY, "-m", "hvdtrain", *TRAIN,
+                            "--backend", "horovod"],
+    }[launcher] + ["--out", str(out)]
+
+
+LAUNCHERS = ["mpirun-mpi", "mpirun-horovod", "horovodrun-gloo"]
+
+
+def cluster_script(*args: str, state: Path, timeout: float = 120) -> subprocess.CompletedProcess:
+    env = dict(os.environ, HVDTRAIN_CLUSTER_DIR=str(state))
+    proc = subprocess.Popen(["bash", str(CLUSTER), *args], env=env, text=True, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        err += f"\n[test] killed after {timeout} s"
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def netns() -> list[str]:
+    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
+    return [ln.split()[0] for ln in out.splitlines() if ln.startswith("hvd-h")]
+
+
+def netns_pids(ns: str) -> list[int]:
+    out = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True, check=True).stdout
+    return [int(p) for p in out.split()]
+
+
+def procs_mentioning(text: str) -> list[str]:
+    """Live processes whose command line contains `text` (zombies have an empty one)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and text in (cmd := (proc / "cmdline").read_text()):
+                found.append(f"{proc.name}: {cmd.replace(chr(0), ' ')[:150]}")
+        except OSError:
+            pass
+    return found
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    """The launcher environment of a fresh 2-host cluster; taken down after the test, whatever happened."""
+    state = tmp_path / "state"
+    try:
+        up = cluster_script("up", "2", state=state)
+        assert up.returncode == 0, f"up failed:\n{up.stderr}"
+        out = subprocess.run(["bash", "-c", 'eval "$1" && env -0', "_", up.stdout],
+                             capture_output=True, text=True, check=True).stdout
+        yield dict(item.split("=", 1) for item in out.split("\0") if "=" in item)
+    finally:
+        down = cluster_script("down", state=state)
+        assert down.returncode == 0, down.stderr
+        # Ranks, orteds and sshd sessions on both hosts went with the namespaces; nothing else may remain.
+        assert netns() == [], f"namespaces left: {netns()}"
+        assert subprocess.run(["ip", "link", "show", "hvd0"], capture_output=True).returncode != 0, "bridge left"
+        # A launcher still running (a test that failed before its fault) ends once its hosts are gone.
+        deadline = time.monotonic() + 30
+        while procs_mentioning(str(tmp_path)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert procs_mentioning(str(tmp_path)) == [], f"processes left: {procs_mentioning(str(tmp_path))}"
+        assert not state.exists(), f"state folder {state} left"
+
+
+def run_with_fault(cluster: dict, launcher: str, out: Path, fault) -> tuple[subprocess.CompletedProcess, float]:
+    """Start the job, call `fault()` once it is mid-run; (the job's result, seconds from fault to its end)."""
+    cmd = launcher_cmd(launcher, cluster, out)
+    done: dict = {}
+
+    def job():
+        done["result"] = run(cmd, timeout=JOB_TIMEOUT, env=launcher_env(cluster))
+        done["ended"] = time.monotonic()
+
+    thread = threading.Thread(target=job, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + JOB_TIMEOUT
+    while not (out / "checkpoints" / MID_RUN_CHECKPOINT).exists():
+        if not thread.is_alive():
+            pytest.fail(f"{launcher} job ended before its mid-run checkpoint:\n{done['result'].stdout[-3000:]}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"{launcher} job wrote no {MID_RUN_CHECKPOINT} in {JOB_TIMEOUT} s")  # teardown kills it
+        time.sleep(0.2)
+    fault()
+    injected = time.monotonic()
+    thread.join(JOB_TIMEOUT + 30)
+    assert not thread.is_alive(), "hvdtrain.launch.run did not return"
+    return done["result"], done["ended"] - injected
+
+
+def assert_last_checkpoint_intact(out: Path) -> int:
+    import torch
+
+    last = sorted((out / "checkpoints").glob("ckpt-*.pt"))[-1]
+    ckpt = torch.load(last, weights_only=True)
+    assert ckpt["step"] > 0 and last.name == f"ckpt-{ckpt['step']:08d}.pt", (last, ckpt.get("step"))
+    return ckpt["step"]
+
+
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+def test_link_down_ends_the_job_within_collective_timeout_plus_30s(cluster, tmp_path, launcher):
+    out = tmp_path / "out"
+
+    def link_down():  # host 2 drops off the network; its processes keep running, unreachable
+        subprocess.run(["ip", "netns", "exec", "hvd-h2", "ip", "link", "set", "hvd0", "down"], check=True)
+
+    result, elapsed = run_with_fault(cluster, launcher, out, link_down)
+    step = assert_last_checkpoint_intact(out)
+    print(f"\nlink of hvd-h2 down under {launcher}: exit {result.returncode} after {elapsed:.1f} s "
+          f"(bound {LINK_BOUND} s); last checkpoint step {step}", file=sys.stderr)
+    assert result.returncode not in (0, TIMEOUT_EXIT), result.stdout[-3000:]
+    assert elapsed < LINK_BOUND, f"took {elapsed:.1f} s:\n{result.stdout[-3000:]}"
+
+
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+def test_host_sigkilled_ends_the_job_within_30s(cluster, tmp_path, launcher):
+    out = tmp_path / "out"
+    sshd = int((Path(cluster["HVDTRAIN_CLUSTER_DIR"]) / "sshd-hvd-h2.pid").read_text())
+
+    def kill_host():  # every process of host 2 (rank, orted, sshd sessions) but its sshd listener
+        victims = [pid for pid in netns_pids("hvd-h2") if pid != sshd]
+        assert victims, "nothing runs on hvd-h2"
+        for pid in victims:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    result, elapsed = run_with_fault(cluster, launcher, out, kill_host)
+    step = assert_last_checkpoint_intact(out)
+    print(f"\nevery process of hvd-h2 SIGKILLed under {launcher}: exit {result.returncode} after {elapsed:.1f} s "
+          f"(bound {KILL_BOUND} s); last checkpoint step {step}", file=sys.stderr)
+    assert result.returncode not in (0, TIMEOUT_EXIT), result.stdout[-3000:]
+    assert elapsed < KILL_BOUND, f"took {elapsed:.1f} s:\n{result.stdout[-3000:]}"
+    # The host itself is still there: its sshd answers, as for the next job.
+    ssh = subprocess.run([str(Path(cluster["HVDTRAIN_CLUSTER_DIR"]) / "bin" / "ssh"), "-o", "BatchMode=yes",
+                          "198.18.0.2", "hostname"], capture_output=True, text=True, timeout=30)
+    assert ssh.returncode == 0 and ssh.stdout.strip() == "hvd-h2", ssh
