@@ -112,7 +112,14 @@ def _probe(model: torch.nn.Module, loss_fn: Any, data: RankData, cfg: TrainConfi
 def train(cfg: TrainConfig, strategy: SyncStrategy, stop_requested: Callable[[], bool] = lambda: False,
           job: Job | None = None) -> dict[str, Any] | None:
     """Run the job on this rank; rank 0 returns the summary (other ranks return None)."""
-    job = job or Job()
+    try:
+        return _train(cfg, strategy, stop_requested, job or Job())
+    finally:
+        strategy.detach()  # however the run ended, the user's model goes back without our hooks
+
+
+def _train(cfg: TrainConfig, strategy: SyncStrategy, stop_requested: Callable[[], bool],
+           job: Job) -> dict[str, Any] | None:
     wall_start = time.perf_counter()
     comm = strategy.comm
     rank, size, device = comm.rank, comm.size, strategy.device

@@ -64,6 +64,9 @@ class SyncStrategy(ABC):
     def finish(self, model: torch.nn.Module, step: int) -> None:
         """After the last step (`step`): leave every rank with the same final model."""
 
+    def detach(self) -> None:
+        """Undo what attach did to the user's model (hooks); called however the run ends."""
+
     def state_dict(self) -> dict[str, Any]:
         """What the strategy must carry across a checkpoint (counters, outer-optimizer state)."""
         return {}
