@@ -47,6 +47,9 @@ def build_model(cfg: ModelConfig, job: Job, shape: DataShape) -> nn.Module:
     dtype = getattr(torch, cfg.dtype)
     if job.model is not None:
         model = job.model
+        if not isinstance(model, nn.Module) and not callable(model):
+            raise ConfigError(f"fit(model=...) got {type(model).__name__} {model!r:.40}; pass an nn.Module or a "
+                              f"zero-argument callable returning one")
         if not isinstance(model, nn.Module):
             model = call_plugin("model", "fit(model=...)", model)
             _need_module(model, "fit(model=...): the callable")
