@@ -52,14 +52,32 @@ _TYPES: dict[str, Any] = {"int": int, "float": float, "str": str, "ints": _ints,
 
 
 def add_train_flags(p: argparse.ArgumentParser) -> None:
-    """One flag per setting, generated from the config dataclasses (config.SETTINGS)."""
+    """One flag per setting, generated from the config dataclasses (config.SETTINGS), grouped by
+    TOML section; each help line ends with the TOML key and the default."""
     p.add_argument("--config", help="TOML file; command-line flags override it")
+    defaults = _flat_defaults()
+    groups: dict[str | None, Any] = {}
     for s in SETTINGS:
+        if s.section not in groups:
+            groups[s.section] = p.add_argument_group(f"[{s.section}]" if s.section else "run")
+        key = f"{s.section}.{s.key}" if s.section else s.key
+        text = f"{s.help} (TOML {key}; default {defaults[key]!r})".replace("%", "%%")
         dest = s.flag[2:].replace("-", "_")
         if s.kind == "bool":
-            p.add_argument(s.flag, dest=dest, action="store_true", default=None, help=s.help)
+            groups[s.section].add_argument(s.flag, dest=dest, action="store_true", default=None, help=text)
         else:
-            p.add_argument(s.flag, dest=dest, type=_TYPES[s.kind], default=None, help=s.help.replace("%", "%%"))
+            groups[s.section].add_argument(s.flag, dest=dest, type=_TYPES[s.kind], default=None, help=text)
+
+
+def _flat_defaults() -> dict[str, Any]:
+    from hvdtrain.config import TrainConfig, to_dict
+    flat: dict[str, Any] = {}
+    for key, value in to_dict(TrainConfig()).items():
+        if isinstance(value, dict) and key in ("data", "model", "optim", "sync"):
+            flat.update({f"{key}.{k}": v for k, v in value.items()})
+        else:
+            flat[key] = value
+    return flat
 
 
 def overrides_from(args: argparse.Namespace) -> dict[str, Any]:
