@@ -14,13 +14,18 @@ gradient warm-up (post-local SGD); k=K with an outer Nesterov optimizer (DiLoCo'
 momentum 0.9); k=K with warm-up and a tuned outer Nesterov; and, with --hosts-from-env (ranks
 across the hosts in $HOSTS, e.g. from mpi_jobs/cluster_local.sh), the hierarchical 4,K, which on
 one host would equal k=4. Writes OUT/convergence.json, OUT/convergence.md, OUT/loss_vs_time_*.png.
+The table's "others %" is the share of the machine's CPU that other processes took during a run:
+a run with more than a few percent was timed on a busy machine (across hosts it also counts our
+own remote ranks, which sshd starts).
 """
 from __future__ import annotations
 
 import json
 import math
 import os
+import shutil
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +42,11 @@ TUNED_OUTER = (1.0, 0.5)
 little (SlowMo's regime)."""
 
 
+COSINE = ("--lr-schedule", "cosine")
+"""Every workload decays its lr to 0: the final held-out loss settles instead of wobbling by
+several percent between evaluations, so a 1% gap means something."""
+
+
 @dataclass(frozen=True)
 class Workload:
     flags: tuple[str, ...]      # model, data, optimizer: what `hvdtrain train` gets besides lr
@@ -49,14 +59,14 @@ class Workload:
 
 WORKLOADS = {
     "cnn": Workload(("--model", "hvdtrain.examples.digits_cnn:DigitsCNN",
-                     "--data", "hvdtrain.examples.digits_cnn:digits_datasets", "--optimizer", "adam"),
+                     "--data", "hvdtrain.examples.digits_cnn:digits_datasets", "--optimizer", "adam", *COSINE),
                     (0.001, 0.003), epochs=12, batch=32, size=0),
-    "mlp": Workload(("--model", "mlp", "--hidden", "64,64", "--optimizer", "sgd", "--momentum", "0.9"),
-                    (0.01, 0.03), epochs=3, batch=64, size=16384),
+    "mlp": Workload(("--model", "mlp", "--hidden", "256,256", "--optimizer", "sgd", "--momentum", "0.9", *COSINE),
+                    (0.01, 0.03), epochs=8, batch=64, size=32768),
     "resnet": Workload(("--model", "hvdtrain.examples.resnet:resnet18", "--model-args", '{"num_classes": 10}',
                         "--data", "hvdtrain.examples.images:image_datasets", "--optimizer", "sgd",
-                        "--momentum", "0.9"),
-                       (0.01, 0.05), epochs=4, batch=16, size=1024, env={"HVDTRAIN_IMAGE_SIZE": "16"}),
+                        "--momentum", "0.9", *COSINE),
+                       (0.01, 0.03), epochs=6, batch=32, size=2048, env={"HVDTRAIN_IMAGE_SIZE": "16"}),
 }
 TINY = {"cnn": dict(lrs=(0.003,), epochs=2, batch=32),
         "mlp": dict(lrs=(0.03,), epochs=3, batch=64, size=2048),
@@ -75,7 +85,7 @@ def total_steps(name: str, w: Workload, np: int) -> int:
     return D.steps_per_epoch(D.block_sizes(train_rows(name, w), np), w.batch) * w.epochs
 
 
-def strategies(k: int, warmup: int, hierarchy: bool) -> list[tuple[str, Variant]]:
+def strategies(k: int, warmup: int, hierarchy: bool, tuned: tuple[float, float] = TUNED_OUTER) -> list[tuple[str, Variant]]:
     """(key, variant) in run order, Horovod first: the others are judged against it."""
     hvd, mpi = STRATEGIES["horovod"].launcher, STRATEGIES["mpi"].launcher
     periodic = ["--backend", "mpi", "--sync-every", str(k)]
@@ -86,9 +96,8 @@ def strategies(k: int, warmup: int, hierarchy: bool) -> list[tuple[str, Variant]
            ("warmup", Variant(f"k={k} +warm-up", mpi, periodic + warm)),
            ("nesterov", Variant(f"k={k} +nesterov .7/.9", mpi, periodic + [
                "--outer-optimizer", "nesterov", "--outer-lr", "0.7", "--outer-momentum", "0.9"])),
-           ("tuned", Variant(f"k={k} +warm-up +nesterov {TUNED_OUTER[0]:g}/{TUNED_OUTER[1]:g}", mpi, periodic + warm + [
-               "--outer-optimizer", "nesterov", "--outer-lr", str(TUNED_OUTER[0]),
-               "--outer-momentum", str(TUNED_OUTER[1])]))]
+           ("tuned", Variant(f"k={k} +warm-up +nesterov {tuned[0]:g}/{tuned[1]:g}", mpi, periodic + warm + [
+               "--outer-optimizer", "nesterov", "--outer-lr", str(tuned[0]), "--outer-momentum", str(tuned[1])]))]
     if hierarchy:
         out.append(("hier", Variant(f"hier {max(1, k // 4)},{k}", mpi,
                                     ["--backend", "mpi", "--hierarchy", f"{max(1, k // 4)},{k}"])))
@@ -106,8 +115,9 @@ def time_to(evals: list[dict[str, Any]], target: float) -> float | None:
     evaluation at or below it and the one before; None if no evaluation gets there."""
     prev = None
     for row in evals:
-        if row["eval_loss"] is None:  # diverged (NaN): no later row counts as reaching the target
-            return None
+        if row["eval_loss"] is None:  # NaN at this evaluation: not there, and nothing to interpolate from
+            prev = None
+            continue
         if row["eval_loss"] <= target:
             if prev is None or prev["eval_loss"] == row["eval_loss"]:
                 return float(row["train_seconds"])
@@ -142,7 +152,7 @@ def judge(cells: list[dict[str, Any]]) -> None:
 COLUMNS = [("workload", "workload", "{}"), ("lr", "lr", "{:g}"), ("strategy", "strategy", "{}"),
            ("eval loss", "eval_loss", "{:.5g}"), ("acc", "eval_accuracy", "{:.4f}"),
            ("gap %", "gap_pct", "{:+.2f}"), ("to target s", "to_target", "{}"), ("x horovod", "ratio", "{}"),
-           ("train s", "train_seconds", "{:.2f}"), ("MB/rank", "mb", "{:.2f}")]
+           ("train s", "train_seconds", "{:.2f}"), ("MB/rank", "mb", "{:.2f}"), ("others %", "others", "{:.0f}")]
 
 
 def format_table(cells: list[dict[str, Any]], markdown: bool = False) -> str:
@@ -153,24 +163,39 @@ def format_table(cells: list[dict[str, Any]], markdown: bool = False) -> str:
         rows.append({**c, "gap_pct": None if c.get("gap") is None else 100 * c["gap"],
                      "to_target": never if t is None else f"{t:.2f}",
                      "ratio": never if r is None else f"{r:.2f}",
-                     "mb": c["bytes_communicated"] / 1e6 if "bytes_communicated" in c else None})
+                     "mb": c["bytes_communicated"] / 1e6 if "bytes_communicated" in c else None,
+                     "others": None if c.get("cpu_others") is None else 100 * c["cpu_others"]})
     return tables.format_table(COLUMNS, rows, markdown)
 
 
-def goals(cells: list[dict[str, Any]], k: int) -> list[str]:
-    """The issue's goals as lines: best of the k=K remedies within 1%; time ratio <= 0.5."""
+def goals(cells: list[dict[str, Any]]) -> list[str]:
+    """The issue's goals, per (workload, lr) and per strategy: gap within 1%, time ratio <= 0.5.
+    How much Horovod's loss still moved over its last 3 evaluations says how much 1% can mean."""
     lines = []
-    for (w, lr) in dict.fromkeys((c["workload"], c["lr"]) for c in cells):
-        mine = [c for c in cells if (c["workload"], c["lr"]) == (w, lr) and c.get("gap") is not None]
-        fixes = [c for c in mine if c["key"] in ("warmup", "nesterov", "tuned")]
+    for w, lr in dict.fromkeys((c["workload"], c["lr"]) for c in cells):
+        mine = [c for c in cells if (c["workload"], c["lr"]) == (w, lr) and c.get("target_loss") is not None]
+        hvd = next((c for c in mine if c["key"] == "horovod"), None)
+        if hvd is None:
+            lines.append(f"{w} lr {lr:g}: no Horovod result to judge against")
+            continue
+        last = [e["eval_loss"] for e in hvd["evals"][-3:] if e["eval_loss"] is not None]
+        fixes = [c for c in mine if c["key"] in ("warmup", "nesterov", "tuned") and c["gap"] is not None]
         best = min(fixes, key=lambda c: c["gap"], default=None)
-        fast = min((c for c in mine if c["key"] != "horovod" and c.get("time_ratio") is not None),
+        fast = min((c for c in mine if c["key"] != "horovod" and c["time_ratio"] is not None),
                    key=lambda c: c["time_ratio"], default=None)
-        gap = "no result" if best is None else (
-            f"{'MET' if best['gap'] <= 0.01 else 'missed'}: best k={k} remedy {best['strategy']} gap {100 * best['gap']:+.2f}%")
-        speed = "nothing reached the target" if fast is None else (
-            f"fastest {fast['strategy']} {fast['time_ratio']:.2f}x horovod")
-        lines.append(f"{w} lr {lr:g}: {gap}; {speed}")
+        gap = "no k=K remedy ran" if best is None else (
+            f"{'within' if best['gap'] <= 0.01 else 'NOT within'} 1%: best remedy {best['strategy']} "
+            f"{100 * best['gap']:+.2f}%")
+        speed = "nothing else reached its loss" if fast is None else (
+            f"fastest to it {fast['strategy']} {fast['time_ratio']:.2f}x")
+        lines.append(f"{w} lr {lr:g}: {gap}; {speed} (Horovod's loss moved "
+                     f"{100 * (max(last) - min(last)) / last[-1]:.1f}% over its last 3 evaluations)")
+    for s in dict.fromkeys(c["strategy"] for c in cells if c["key"] != "horovod"):
+        mine = [c for c in cells if c["strategy"] == s and c.get("target_loss") is not None]
+        near = sum(c["gap"] is not None and c["gap"] <= 0.01 for c in mine)
+        got = [c["time_ratio"] for c in mine if c["time_ratio"] is not None]
+        lines.append(f"{s}: within 1% in {near}/{len(mine)} cells; reached Horovod's loss in {len(got)}/{len(mine)}"
+                     + (f", time ratio <= 0.5 in {sum(r <= 0.5 for r in got)}" if got else ""))
     return lines
 
 
@@ -194,6 +219,24 @@ def finite(x: Any) -> Any:
     return None if isinstance(x, float) and not math.isfinite(x) else x
 
 
+def cpu_seconds() -> tuple[float, float]:
+    """(busy CPU seconds of the whole machine, CPU seconds of our finished children): their
+    difference over a run is what other processes took, i.e. how noisy its timing is."""
+    import resource
+    try:
+        ticks = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+        busy = (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError):
+        busy = math.nan
+    me = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return busy, me.ru_utime + me.ru_stime
+
+
+def busy(group: list[dict[str, Any]]) -> float:
+    """The largest share of the CPU that other processes took during one of the group's runs."""
+    return max((c.get("cpu_others") or 0.0 for c in group), default=0.0)
+
+
 def run_cell(v: Variant, np: int, argv: list[str], env: dict[str, str], hosts: str | None,
              run_dir: Path, log: Path, timeout: float) -> dict[str, Any]:
     from hvdtrain.launch import horovodrun_cmd, launcher_env, mpirun_cmd, run
@@ -204,20 +247,25 @@ def run_cell(v: Variant, np: int, argv: list[str], env: dict[str, str], hosts: s
         cmd = mpirun_cmd(np, argv, hosts=hosts)
         cmd[1:1] = [a for var in env for a in ("-x", var)]
     print(f"$ {' '.join(cmd)}", flush=True)
-    load = os.getloadavg()[0]
+    load, (busy, mine), start = os.getloadavg()[0], cpu_seconds(), time.perf_counter()
     result = run(cmd, timeout=timeout, env=launcher_env({"PYTHONUNBUFFERED": "1", **env}))
+    (busy2, mine2), seconds = cpu_seconds(), time.perf_counter() - start
+    others = max(0.0, (busy2 - busy) - (mine2 - mine)) / (seconds * (os.cpu_count() or 1))
     log.parent.mkdir(parents=True, exist_ok=True)
     log.write_text(result.stdout)
-    cell: dict[str, Any] = {"command": cmd, "load_before": load}
+    cell: dict[str, Any] = {"command": cmd, "load_before": load, "launch_seconds": seconds,
+                            "cpu_others": finite(others)}
     if result.returncode != 0:
         tail = " | ".join(result.stdout.strip().splitlines()[-3:])
         return {**cell, "error": f"exited {result.returncode}: {tail}; see {log}"}
     summary = json.loads((run_dir / "summary.json").read_text())
     evals = [{k: finite(x) for k, x in json.loads(ln).items()}
              for ln in (run_dir / "evals.jsonl").read_text().splitlines() if ln.strip()]
+    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # ResNet-18's are ~180 MB a run; unused here
     keep = ("train_seconds", "wall_seconds", "samples", "steps", "bytes_communicated", "comm_seconds",
             "samples_per_sec")
-    return {**cell, **{k: summary[k] for k in keep}, "evals": evals}
+    nan = sum(e.get("eval_loss") is None for e in evals)
+    return {**cell, **{k: summary[k] for k in keep}, "evals": evals, "nan_evals": nan}
 
 
 def plot(cells: list[dict[str, Any]], out: Path, title: str) -> list[str]:
@@ -267,6 +315,8 @@ def build_parser() -> Any:
     p.add_argument("--evals", type=int, default=12, help="evaluations per run when --eval-every is 0")
     p.add_argument("--strategies", default="", help="comma list of keys to run (horovod always): "
                                                     "k1,k,warmup,nesterov,tuned,hier")
+    p.add_argument("--tuned-outer", default=",".join(map(str, TUNED_OUTER)),
+                   help="outer Nesterov LR,MOMENTUM of the `tuned` strategy")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/bench-convergence")
     p.add_argument("--tiny", action="store_true", help="CI settings: one lr, a few steps, small data, k=4")
@@ -274,6 +324,10 @@ def build_parser() -> Any:
                    help="run across the hosts in $HOSTS (mpi_jobs/cluster_local.sh up), np spread evenly; adds hier")
     p.add_argument("--network-label", default="", help="how the ranks are connected, for titles and JSON")
     p.add_argument("--timeout", type=float, default=900, help="seconds per run")
+    p.add_argument("--retry-busy", type=float, default=0.0,
+                   help="run a (workload, lr) group again when other processes took more than this share of "
+                        "the CPU during one of its runs (0: never; e.g. 0.1 on a shared machine)")
+    p.add_argument("--retries", type=int, default=2, help="most extra attempts per group for --retry-busy")
     return p
 
 
@@ -287,8 +341,18 @@ def settings(args: Any) -> tuple[dict[str, Workload], int]:
         raise ValueError(f"need --np >= 2, --epochs >= 0, --evals >= 1, --k >= 0, --eval-every >= 0, --seed >= 0 "
                          f"(got {args.np}, {args.epochs}, {args.evals}, {args.k}, {args.eval_every}, {args.seed}); "
                          f"e.g. --np 2 --epochs 3")
+    if not 0 <= args.retry_busy < 1 or args.retries < 0:
+        raise ValueError(f"--retry-busy {args.retry_busy} must be in [0, 1) and --retries {args.retries} >= 0; "
+                         f"e.g. --retry-busy 0.1 --retries 2")
     if not 0 < args.warmup_fraction < 1:
         raise ValueError(f"--warmup-fraction {args.warmup_fraction} must be in (0, 1); e.g. 0.25")
+    try:
+        lr, mom = (float(x) for x in args.tuned_outer.split(","))
+        assert lr > 0 and 0 <= mom < 1
+        args.tuned_outer = (lr, mom)
+    except (ValueError, AssertionError):
+        raise ValueError(f"--tuned-outer {args.tuned_outer!r} is not LR,MOMENTUM with LR > 0 and 0 <= MOMENTUM < 1; "
+                         f"e.g. --tuned-outer 1.0,0.5") from None
     k = args.k or (TINY_K if args.tiny else 16)
     if args.eval_every % k:
         raise ValueError(f"--eval-every {args.eval_every} is not a multiple of k={k}: replicas would be evaluated "
@@ -335,7 +399,7 @@ def main(argv: list[str]) -> int:
                                  f"use more --epochs or a smaller --k")
             warmup = min(multiple_of(k, args.warmup_fraction * steps, k), k * ((steps - 1) // k))
             evals = args.eval_every or multiple_of(k, steps / args.evals, k)
-            runs = [(key, v) for key, v in strategies(k, warmup, hosts is not None)
+            runs = [(key, v) for key, v in strategies(k, warmup, hosts is not None, args.tuned_outer)
                     if not args.strategies or key in wanted]
             common = [*w.flags, "--epochs", str(w.epochs), "--batch-size", str(w.batch), "--seed", str(args.seed),
                       "--eval-every", str(evals)] + (["--rows", str(w.size)] if name == "mlp" else [])
@@ -363,24 +427,33 @@ def main(argv: list[str]) -> int:
             data = ["--data", str(folder)]
         env = {**w.env, **({"HVDTRAIN_IMAGES": str(w.size)} if name == "resnet" else {})}
         for lr in w.lrs:
-            for key, v in p["runs"]:
-                slug = f"{name}/lr{lr:g}/{v.label.replace(' ', '_').replace('=', '').replace('/', '-')}"
-                cell = run_cell(v, args.np, [*p["common"], *data, "--lr", str(lr)], env, hosts,
-                                out / "runs" / slug, out / "logs" / f"{slug.replace('/', '-')}.log", args.timeout)
-                cells.append({"workload": name, "lr": lr, "key": key, "strategy": v.label, "flags": v.flags, **cell})
-                if "error" in cell:
-                    sys.stderr.write(f"hvdtrain: {name} lr {lr:g} {v.label}: {cell['error']}\n")
+            tries: list[list[dict[str, Any]]] = []
+            while not tries or (busy(tries[-1]) > args.retry_busy > 0 and len(tries) <= args.retries):
+                if tries:
+                    print(f"# {name} lr {lr:g}: other processes took {100 * busy(tries[-1]):.0f}% of the CPU "
+                          f"during a run; running the group again", flush=True)
+                group = []
+                for key, v in p["runs"]:
+                    slug = f"{name}/lr{lr:g}/{v.label.replace(' ', '_').replace('=', '').replace('/', '-')}"
+                    cell = run_cell(v, args.np, [*p["common"], *data, "--lr", str(lr)], env, hosts, out / "runs" / slug,
+                                    out / "logs" / f"{slug.replace('/', '-')}.log", args.timeout)
+                    group.append({"workload": name, "lr": lr, "key": key, "strategy": v.label, "flags": v.flags,
+                                  "attempt": len(tries) + 1, **cell})
+                    if "error" in cell:
+                        sys.stderr.write(f"hvdtrain: {name} lr {lr:g} {v.label}: {cell['error']}\n")
+                tries.append(group)
+            cells += min(tries, key=busy)  # the quietest attempt: same losses (seeded), cleaner times
     judge(cells)
     title = (f"hvdtrain bench convergence: {args.np} ranks, {label}, k={k}, seed {args.seed}"
              + (" (tiny)" if args.tiny else ""))
     meta = {**machine(), "load_before": load_before, "load_after": os.getloadavg(),
             "network": {"label": label, "hosts": hosts or "local", "link_shaping": shaping},
-            "settings": {**vars(args), "k": k, "tuned_outer": TUNED_OUTER},
+            "settings": {**vars(args), "k": k},
             "workloads": {n: {**w.__dict__, **{x: plan[n][x] for x in ("steps", "warmup", "eval_every", "common")},
                               "strategies": {key: v.flags for key, v in plan[n]["runs"]}}
                           for n, w in workloads.items()}}
     atomic_write_text(json.dumps({"meta": meta, "cells": cells}, indent=2) + "\n", out / "convergence.json")
-    summary = goals(cells, k)
+    summary = goals(cells)
     print(f"\n{title}\n{format_table(cells)}\n\n" + "\n".join(summary))
     atomic_write_text(f"# {title}\n\n{format_table(cells, markdown=True)}\n\n" + "".join(f"- {s}\n" for s in summary)
                       + "".join(f"\n![{n}]({n})\n" for n in plot(cells, out, title)), out / "convergence.md")

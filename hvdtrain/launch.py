@@ -103,7 +103,20 @@ def run(cmd: Sequence[str], timeout: float, env: dict[str, str] | None = None,
         out, _ = proc.communicate(timeout=timeout)
         return subprocess.CompletedProcess(list(cmd), proc.returncode, out or "")
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        kill_session(proc.pid)
         out, _ = proc.communicate()
         note = f"\n[hvdtrain.launch] killed after {timeout:.0f} s timeout\n"
         return subprocess.CompletedProcess(list(cmd), TIMEOUT_EXIT, (out or "") + note)
+
+
+def kill_session(leader: int) -> None:
+    """SIGKILL every process of the session `leader` started: its process group is not enough,
+    since mpirun puts each ssh child in a process group of its own (and they hold our pipe)."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if os.getsid(int(entry.name)) == leader:
+                os.kill(int(entry.name), signal.SIGKILL)
+        except OSError:  # gone already, or not ours to see
+            pass

@@ -227,8 +227,24 @@ forget_hosts() {
   if [ -e "$STATE/remove-known-hosts" ] && [ ! -s "$kh" ]; then rm -f "$kh"; fi
 }
 
+# The state folder of the cluster whose hosts exist now, read from their sshd's command line.
+owner() {
+  local ns pid
+  for ns in $(hosts); do
+    for pid in $(ip netns pids "$ns" 2>/dev/null); do
+      { tr '\0' ' ' 2>/dev/null <"/proc/$pid/cmdline"; echo; } | sed -n 's|.*sshd -f \(/.*\)/sshd-hvd-h[0-9]*\.conf.*|\1|p' || true
+    done
+  done | sort -u | head -n 1
+}
+
 down() {
-  local ns pid f
+  local ns pid f other
+  # The host names are machine-wide: never take down a live cluster another state folder (another
+  # shell or test session) made. Hosts whose state folder is gone are orphans: removed below.
+  other="$(owner)"
+  if [ -n "$other" ] && [ "$(readlink -m "$other")" != "$(readlink -m "$STATE")" ] && [ -d "$other" ]; then
+    die "the hosts up now belong to the cluster in $other, not $STATE; run \`HVDTRAIN_CLUSTER_DIR=$other $0 down\`"
+  fi
   # Slurm on the hosts (cluster_slurm.sh up): its slurmctld lives outside the hosts' namespaces.
   [ ! -d "$STATE/slurm" ] || HVDTRAIN_CLUSTER_DIR="$STATE" bash "$ROOT/mpi_jobs/cluster_slurm.sh" down || true
   for f in "$STATE"/sshd-*.pid; do

@@ -48,7 +48,7 @@ daemon_pid() {
 }
 # Processes named slurmstepd (job steps) in the cluster's host namespaces.
 stepds() {
-  local ns
+  local ns p
   for ns in $(hosts); do
     for p in $(ip netns pids "$ns" 2>/dev/null); do grep -qsx slurmstepd "/proc/$p/comm" && echo "$p"; done
   done
@@ -158,6 +158,8 @@ status() {
 # Stop the daemons: TERM, wait, then KILL; then any job step left in the hosts.
 down() {
   local f pid pids=() waited
+  # Nothing of ours to stop (and the hosts' job steps may belong to another state folder's Slurm).
+  [ -d "$SL" ] || { say "down: Slurm is not up on the cluster in $STATE"; return 0; }
   if [ -f "$CONF" ] && [ -n "$(daemon_pid "$SL/slurmctld.pid" || true)" ]; then
     SLURM_CONF="$CONF" timeout 10 scancel --user=root >/dev/null 2>&1 || true
   fi

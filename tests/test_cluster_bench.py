@@ -144,9 +144,16 @@ class Cluster:
 def cluster(tmp_path_factory):
     state = tmp_path_factory.mktemp("cluster") / "state"
     kh_before = known_hosts()
-    up = cluster_script("up", "2", state=state)
+    # The cluster is one per machine (fixed namespace and bridge names): wait while another
+    # one is up, and never `down` a cluster this fixture did not make (`down` removes any).
+    deadline = time.monotonic() + 300
+    while True:
+        up = cluster_script("up", "2", state=state)
+        if up.returncode != 2 or "already up" not in up.stderr or time.monotonic() > deadline:
+            break
+        time.sleep(5)
+    assert up.returncode == 0, f"up failed:\n{up.stderr}"  # a failed up has cleaned up after itself
     try:
-        assert up.returncode == 0, f"up failed:\n{up.stderr}"
         shell = subprocess.run(["bash", "-c", 'eval "$1" && env -0', "_", up.stdout],
                                capture_output=True, text=True, check=True).stdout
         yield Cluster(state, dict(item.split("=", 1) for item in shell.split("\0") if "=" in item))

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from hvdtrain.launch import TIMEOUT_EXIT, launcher_env, run
+from hvdtrain.launch import kill_session, TIMEOUT_EXIT, launcher_env, run
 
 if os.geteuid() != 0:
     pytest.skip("needs root: the local cluster makes network namespaces, a bridge and sshds",
@@ -36,11 +36,12 @@ HOROVODRUN = str(Path(PY).parent / "horovodrun")
 COLLECTIVE_TIMEOUT = 20
 LINK_BOUND = COLLECTIVE_TIMEOUT + 30  # seconds from the link going down to the job's end
 KILL_BOUND = 30  # seconds from the host's processes being killed to the job's end
+START_TIMEOUT = 90  # for the job to reach MID_RUN_STEP (5-20 s here)
 JOB_TIMEOUT = 180  # hvdtrain.launch.run's limit: well above both bounds (a hang shows as 124)
 # Far more steps than the test waits for (156250 per rank): the job is always mid-run.
 TRAIN = ["train", "--rows", "200000", "--epochs", "50", "--batch-size", "32", "--checkpoint-every", "20",
          "--collective-timeout", str(COLLECTIVE_TIMEOUT), "--log-every", "5", "--threads", "1"]
-MID_RUN_CHECKPOINT = "ckpt-00000040.pt"  # the fault comes once the second checkpoint is written
+MID_RUN_STEP = 40  # the fault comes once a checkpoint of this step or later is written
 
 
 def launcher_cmd(launcher: str, env: dict[str, str], out: Path) -> list[str]:
@@ -103,6 +104,7 @@ def cluster(tmp_path):
                              capture_output=True, text=True, check=True).stdout
         yield dict(item.split("=", 1) for item in out.split("\0") if "=" in item)
     finally:
+        kill_job_of(tmp_path)  # a job still running after a failed test (none when it passed)
         down = cluster_script("down", state=state)
         assert down.returncode == 0, down.stderr
         # Ranks, orteds and sshd sessions on both hosts went with the namespaces; nothing else may remain.
@@ -116,6 +118,29 @@ def cluster(tmp_path):
         assert not state.exists(), f"state folder {state} left"
 
 
+def last_step(out: Path) -> int:
+    """The step of the newest checkpoint in `out` (0: none yet). Only the last 3 are kept, and
+    steps are fast here (hundreds a second), so a given one may come and go between two looks."""
+    steps = [int(p.name[5:13]) for p in (out / "checkpoints").glob("ckpt-*.pt")]
+    return max(steps, default=0)
+
+
+def kill_job_of(path: Path) -> None:
+    """SIGKILL every process in the session of this test's launcher (a child of ours that run()
+    made a session leader) that names `path`. Its process group is not enough: mpirun puts each
+    of its ssh children in a process group of its own. The leader itself may be a zombie by then."""
+    sessions = set()
+    for line in procs_mentioning(str(path)):
+        try:
+            sid = os.getsid(int(line.split(":")[0]))
+            if int(Path(f"/proc/{sid}/stat").read_text().rsplit(")", 1)[1].split()[1]) == os.getpid():
+                sessions.add(sid)
+        except (OSError, ValueError, IndexError):
+            pass
+    for sid in sessions:
+        kill_session(sid)
+
+
 def run_with_fault(cluster: dict, launcher: str, out: Path, fault) -> tuple[subprocess.CompletedProcess, float]:
     """Start the job, call `fault()` once it is mid-run; (the job's result, seconds from fault to its end)."""
     cmd = launcher_cmd(launcher, cluster, out)
@@ -127,17 +152,26 @@ def run_with_fault(cluster: dict, launcher: str, out: Path, fault) -> tuple[subp
 
     thread = threading.Thread(target=job, daemon=True)
     thread.start()
-    deadline = time.monotonic() + JOB_TIMEOUT
-    while not (out / "checkpoints" / MID_RUN_CHECKPOINT).exists():
-        if not thread.is_alive():
-            pytest.fail(f"{launcher} job ended before its mid-run checkpoint:\n{done['result'].stdout[-3000:]}")
-        if time.monotonic() > deadline:
-            pytest.fail(f"{launcher} job wrote no {MID_RUN_CHECKPOINT} in {JOB_TIMEOUT} s")  # teardown kills it
+    deadline = time.monotonic() + START_TIMEOUT
+    while last_step(out) < MID_RUN_STEP:
+        late = time.monotonic() > deadline
+        if late:  # kill it here, to show its output
+            kill_job_of(out)
+            thread.join(30)
+        if late or not thread.is_alive():
+            why = f"was killed: no checkpoint of step {MID_RUN_STEP} in {START_TIMEOUT} s" if late else "ended"
+            output = done["result"].stdout[-5000:] if "result" in done else "(no output: still running)"
+            pytest.fail(f"{launcher} job {why} before its mid-run checkpoint:\n{output}")
         time.sleep(0.2)
     fault()
     injected = time.monotonic()
     thread.join(JOB_TIMEOUT + 30)
-    assert not thread.is_alive(), "hvdtrain.launch.run did not return"
+    if thread.is_alive():
+        # run() killed the launcher's process group at its timeout, but it still waits for the
+        # output pipe, which mpirun's ssh children (process groups of their own) may hold.
+        kill_job_of(out)
+        thread.join(30)
+        pytest.fail(f"{launcher} job: hvdtrain.launch.run did not return {JOB_TIMEOUT + 30} s after the fault")
     return done["result"], done["ended"] - injected
 
 
