@@ -11,16 +11,16 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from hvdtrain.launch import launcher_env, mpirun_cmd, run
+from support.cluster import (Cluster, assert_nothing_left, bridge_exists, cluster_script, exported_env,
+                             known_hosts, netns, sshds_of, tx_bytes)
 
 if os.geteuid() != 0:
     pytest.skip("needs root: the local cluster makes network namespaces, a bridge and sshds",
@@ -41,80 +41,6 @@ def train_args(n: int) -> list[str]:
     rows = 2000 + (-2000) % n
     return ["train", "--dtype", "float64", "--rows", str(rows), "--batch-size", "16", "--epochs", "1",
             "--lr", "0.05", "--seed", "3", "--threads", "1"]
-
-
-def cluster_script(*args: str, state: Path, timeout: float = 180) -> subprocess.CompletedProcess:
-    """Run cluster_local.sh with stdout and stderr apart, in its own process group (killed on timeout)."""
-    env = dict(os.environ, HVDTRAIN_CLUSTER_DIR=str(state))
-    proc = subprocess.Popen(["bash", str(SCRIPT), *args], env=env, text=True, start_new_session=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        err += f"\n[test] killed after {timeout} s"
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
-
-
-def netns() -> list[str]:
-    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
-    return [ln.split()[0] for ln in out.splitlines() if ln.startswith("hvd-h")]
-
-
-def bridge_exists() -> bool:
-    return subprocess.run(["ip", "link", "show", "hvd0"], capture_output=True).returncode == 0
-
-
-def sshds_of(state: Path) -> list[int]:
-    """Live sshd processes started with a config from `state` (zombies have an empty cmdline)."""
-    pids = []
-    for proc in Path("/proc").iterdir():
-        try:
-            if proc.name.isdigit() and str(state) in (proc / "cmdline").read_text():
-                pids.append(int(proc.name))
-        except OSError:
-            pass
-    return pids
-
-
-def tx_bytes(host: str) -> int:
-    return int(subprocess.run(["ip", "netns", "exec", host, "cat", "/sys/class/net/hvd0/statistics/tx_bytes"],
-                              capture_output=True, text=True, check=True).stdout)
-
-
-def known_hosts() -> str | None:
-    return KNOWN_HOSTS.read_text() if KNOWN_HOSTS.exists() else None
-
-
-@dataclass
-class Cluster:
-    n: int
-    state: Path
-    env: dict[str, str]  # the launcher environment after `eval "$(cluster_local.sh up N)"`
-    exports: str  # what `up` printed
-
-    @property
-    def hosts(self) -> list[str]:
-        return [f"hvd-h{k}" for k in range(1, self.n + 1)]
-
-    def job(self, cmd: list[str], timeout: float = 180) -> subprocess.CompletedProcess:
-        return run(cmd, timeout=timeout, env=launcher_env(self.env))
-
-
-def exported_env(up_stdout: str) -> dict[str, str]:
-    """What `eval "$(cluster_local.sh up N)"` does to a shell's environment, taken from a real shell."""
-    out = subprocess.run(["bash", "-c", 'eval "$1" && env -0', "_", up_stdout],
-                         capture_output=True, text=True, check=True).stdout
-    return dict(item.split("=", 1) for item in out.split("\0") if "=" in item)
-
-
-def assert_nothing_left(state: Path, kh_before: str | None) -> None:
-    assert netns() == [], f"namespaces left: {netns()}"
-    assert not bridge_exists(), "bridge hvd0 left"
-    assert sshds_of(state) == [], f"sshd processes left: {sshds_of(state)}"
-    assert not state.exists(), f"state folder {state} left"
-    assert known_hosts() == kh_before, "~/.ssh/known_hosts was changed"
 
 
 def max_rel_err(a: dict, b: dict) -> float:

@@ -21,7 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from hvdtrain.launch import kill_session, TIMEOUT_EXIT, launcher_env, run
+from hvdtrain.launch import TIMEOUT_EXIT, kill_session, launcher_env, run
+from support.cluster import cluster_script, netns, netns_pids, procs_mentioning
 
 if os.geteuid() != 0:
     pytest.skip("needs root: the local cluster makes network namespaces, a bridge and sshds",
@@ -30,7 +31,6 @@ if os.geteuid() != 0:
 pytestmark = pytest.mark.mpi
 
 ROOT = Path(__file__).resolve().parent.parent
-CLUSTER = ROOT / "mpi_jobs" / "cluster_local.sh"
 PY = sys.executable
 HOROVODRUN = str(Path(PY).parent / "horovodrun")
 COLLECTIVE_TIMEOUT = 20
@@ -56,41 +56,6 @@ def launcher_cmd(launcher: str, env: dict[str, str], out: Path) -> list[str]:
 
 
 LAUNCHERS = ["mpirun-mpi", "mpirun-horovod", "horovodrun-gloo"]
-
-
-def cluster_script(*args: str, state: Path, timeout: float = 120) -> subprocess.CompletedProcess:
-    env = dict(os.environ, HVDTRAIN_CLUSTER_DIR=str(state))
-    proc = subprocess.Popen(["bash", str(CLUSTER), *args], env=env, text=True, start_new_session=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        err += f"\n[test] killed after {timeout} s"
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
-
-
-def netns() -> list[str]:
-    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
-    return [ln.split()[0] for ln in out.splitlines() if ln.startswith("hvd-h")]
-
-
-def netns_pids(ns: str) -> list[int]:
-    out = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True, check=True).stdout
-    return [int(p) for p in out.split()]
-
-
-def procs_mentioning(text: str) -> list[str]:
-    """Live processes whose command line contains `text` (zombies have an empty one)."""
-    found = []
-    for proc in Path("/proc").iterdir():
-        try:
-            if proc.name.isdigit() and text in (cmd := (proc / "cmdline").read_text()):
-                found.append(f"{proc.name}: {cmd.replace(chr(0), ' ')[:150]}")
-        except OSError:
-            pass
-    return found
 
 
 @pytest.fixture

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from support.cluster import cluster_script, exported_env, netns, procs_mentioning
+
 if os.geteuid() != 0:
     pytest.skip("needs root: the local cluster makes network namespaces, sshds and Slurm daemons",
                 allow_module_level=True)
@@ -27,7 +29,6 @@ if os.geteuid() != 0:
 pytestmark = pytest.mark.mpi
 
 ROOT = Path(__file__).resolve().parent.parent
-CLUSTER = ROOT / "mpi_jobs" / "cluster_local.sh"
 CLUSTER_SLURM = ROOT / "mpi_jobs" / "cluster_slurm.sh"
 TRAIN_CPU = ROOT / "slurm" / "train_cpu.sbatch"
 HOSTS = ["hvd-h1", "hvd-h2"]
@@ -36,44 +37,6 @@ JOB_TIMEOUT = 240  # seconds for one `sbatch --wait` (the jobs take ~15-40 s her
 TWO_NODES = ["--nodes=2", "--ntasks=2", "--ntasks-per-node=1", "--cpus-per-task=1", "--time=10"]
 # Printed by every task before it starts (srun's task prolog: a `print ...` line goes to its stdout).
 TASK_PROLOG = '#!/bin/sh\necho "print TASK rank=$SLURM_PROCID host=$(hostname) netns=$(readlink /proc/self/ns/net)"\n'
-
-
-def script(path: Path, *args: str, state: Path, env: dict | None = None, timeout: float = 180):
-    """Run a cluster script with stdout and stderr apart, in its own process group (killed on timeout)."""
-    env = dict(env or os.environ, HVDTRAIN_CLUSTER_DIR=str(state))
-    proc = subprocess.Popen(["bash", str(path), *args], env=env, text=True, start_new_session=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        err += f"\n[test] killed after {timeout} s"
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
-
-
-def exported_env(up_stdout: str, base: dict) -> dict[str, str]:
-    """What `eval "$(... up)"` does to a shell's environment, taken from a real shell."""
-    out = subprocess.run(["bash", "-c", 'eval "$1" && env -0', "_", up_stdout], env=base,
-                         capture_output=True, text=True, check=True).stdout
-    return dict(item.split("=", 1) for item in out.split("\0") if "=" in item)
-
-
-def netns() -> list[str]:
-    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
-    return [ln.split()[0] for ln in out.splitlines() if ln.startswith("hvd-h")]
-
-
-def procs_mentioning(text: str) -> list[str]:
-    """Live processes whose command line contains `text` (zombies have an empty one)."""
-    found = []
-    for proc in Path("/proc").iterdir():
-        try:
-            if proc.name.isdigit() and text in (cmd := (proc / "cmdline").read_text()):
-                found.append(f"{proc.name}: {cmd.replace(chr(0), ' ')[:150]}")
-        except OSError:
-            pass
-    return found
 
 
 def slurmstepds() -> list[int]:
@@ -108,7 +71,7 @@ def assert_nothing_left(state: Path) -> None:
 def test_bad_arguments_or_no_cluster_say_one_line_and_exit_2(args, tmp_path):
     """`up` without a local cluster is refused with the command that makes one."""
     state = tmp_path / "state"
-    result = script(CLUSTER_SLURM, *args, state=state)
+    result = cluster_script(*args, state=state, script=CLUSTER_SLURM)
     assert result.returncode == 2 and result.stdout == "", result
     assert len(result.stderr.splitlines()) == 1 and result.stderr.startswith("cluster_slurm: "), result.stderr
     if args == ["up"]:
@@ -117,7 +80,8 @@ def test_bad_arguments_or_no_cluster_say_one_line_and_exit_2(args, tmp_path):
 
 
 def test_bad_port_is_refused(tmp_path):
-    result = script(CLUSTER_SLURM, "up", state=tmp_path, env=dict(os.environ, HVDTRAIN_CLUSTER_SLURM_PORT="99"))
+    result = cluster_script("up", state=tmp_path, script=CLUSTER_SLURM,
+                            env=dict(os.environ, HVDTRAIN_CLUSTER_SLURM_PORT="99"))
     assert result.returncode == 2 and "HVDTRAIN_CLUSTER_SLURM_PORT='99'" in result.stderr, result
 
 
@@ -143,10 +107,10 @@ def slurm_cluster(tmp_path_factory):
     base["HVDTRAIN_CLUSTER_SLURM_PORT"] = str(free_port())
     started = time.monotonic()
     try:
-        up = script(CLUSTER, "up", "2", state=state, env=base)
+        up = cluster_script("up", "2", state=state, env=base)
         assert up.returncode == 0, f"cluster up failed:\n{up.stderr}"
         env = exported_env(up.stdout, base)
-        slurm_up = script(CLUSTER_SLURM, "up", state=state, env=env)
+        slurm_up = cluster_script("up", state=state, env=env, script=CLUSTER_SLURM)
         assert slurm_up.returncode == 0, f"cluster_slurm.sh up failed:\n{slurm_up.stderr}"
         assert re.fullmatch(r"export SLURM_CONF=\S+\n", slurm_up.stdout), slurm_up.stdout
         env = exported_env(slurm_up.stdout, env)
@@ -154,7 +118,7 @@ def slurm_cluster(tmp_path_factory):
         yield SlurmCluster(state, env)
     finally:
         # `cluster_local.sh down` stops Slurm too (slurmctld is outside the hosts' namespaces).
-        down = script(CLUSTER, "down", state=state, env=base)
+        down = cluster_script("down", state=state, env=base)
         assert down.returncode == 0, down.stderr
         assert slurmstepds() == []
         assert_nothing_left(state)
@@ -273,14 +237,14 @@ def test_slurm_down_then_up_again(slurm_cluster):
     """`cluster_slurm.sh down` stops every Slurm daemon and job step and leaves the hosts up;
     `up` works again. (Runs last: the module's teardown then checks `cluster_local.sh down`.)"""
     state, env = slurm_cluster.state, slurm_cluster.env
-    again = script(CLUSTER_SLURM, "up", state=state, env=env)
+    again = cluster_script("up", state=state, env=env, script=CLUSTER_SLURM)
     assert again.returncode == 2 and "already up" in again.stderr, again
-    down = script(CLUSTER_SLURM, "down", state=state, env=env)
+    down = cluster_script("down", state=state, env=env, script=CLUSTER_SLURM)
     assert down.returncode == 0, down.stderr
     assert procs_mentioning(str(state / "slurm")) == [] and slurmstepds() == []
     assert not (state / "slurm").exists() and netns() == HOSTS
-    up = script(CLUSTER_SLURM, "up", state=state, env=env)
+    up = cluster_script("up", state=state, env=env, script=CLUSTER_SLURM)
     assert up.returncode == 0, up.stderr
-    status = script(CLUSTER_SLURM, "status", state=state, env=env)
+    status = cluster_script("status", state=state, env=env, script=CLUSTER_SLURM)
     assert status.returncode == 0 and status.stdout.count("running (pid") == 3, status.stdout
     assert re.search(r"hvd-h1 idle", status.stdout) and re.search(r"hvd-h2 idle", status.stdout), status.stdout
