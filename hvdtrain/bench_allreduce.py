@@ -248,9 +248,9 @@ def print_table(rows: list[dict[str, Any]]) -> None:
 def where(meta: dict[str, Any]) -> str:
     """np, hosts and link conditions, for the table and plot titles."""
     hosts = meta["host"] if meta["hosts"] == "local" else meta["hosts"]
-    links = meta["links"]["summary"] if meta["links"] else None
-    extra = ", ".join(x for x in (links, meta["label"]) if x)
-    return f"np={meta['settings']['np']} on {hosts}" + (f", links {extra}" if extra else "")
+    links = f", links {meta['links']['summary']}" if meta["links"] else ""
+    label = f" [{meta['label']}]" if meta["label"] else ""
+    return f"np={meta['settings']['np']} on {hosts}{links}{label}"
 
 
 def plot(rows: list[dict[str, Any]], meta: dict[str, Any], path: Path) -> None:

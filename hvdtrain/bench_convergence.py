@@ -1,8 +1,8 @@
 """`hvdtrain bench convergence`: does the MPI fallback reach Horovod's held-out loss, and sooner?
 
 A fixed matrix of workloads x learning rates x strategies; every cell is one `hvdtrain train`
-run, launched as `hvdtrain compare` launches them, at equal samples (same epochs, batch per rank
-and seed) with `--eval-every E`, E a multiple of every strategy's k (and the warm-up a multiple
+run, launched as `hvdtrain compare` launches them (plus hvdtrain's MPI settings in the ranks'
+environment, see rank_env), at equal samples (same epochs, batch per rank, seed, cosine lr) with `--eval-every E`, E a multiple of every strategy's k (and the warm-up a multiple
 of k) so that the MPI fallback's replicas agree whenever they are evaluated. Per cell: the final
 held-out loss (and accuracy), its gap to Horovod's, and the training seconds to reach Horovod's
 final held-out loss (the first evaluation at or below it, interpolated linearly from the one
@@ -237,6 +237,14 @@ def busy(group: list[dict[str, Any]]) -> float:
     return max((c.get("cpu_others") or 0.0 for c in group), default=0.0)
 
 
+def rank_env(np: int, hosts: str | None) -> dict[str, str]:
+    """hvdtrain's MPI settings for the ranks (comm.env_defaults; what the user exported wins), given
+    at launch: `python -m mpi4py` starts MPI before hvdtrain could set them, so without this the
+    MPI fallback would run without the yield-when-idle and allreduce settings Horovod gets."""
+    from hvdtrain.bench_allreduce import rank_env_defaults
+    return {k: v for k, v in rank_env_defaults(np, hosts).items() if k not in os.environ}
+
+
 def run_cell(v: Variant, np: int, argv: list[str], env: dict[str, str], hosts: str | None,
              run_dir: Path, log: Path, timeout: float) -> dict[str, Any]:
     from hvdtrain.launch import horovodrun_cmd, launcher_env, mpirun_cmd, run
@@ -247,10 +255,10 @@ def run_cell(v: Variant, np: int, argv: list[str], env: dict[str, str], hosts: s
         cmd = mpirun_cmd(np, argv, hosts=hosts)
         cmd[1:1] = [a for var in env for a in ("-x", var)]
     print(f"$ {' '.join(cmd)}", flush=True)
-    load, (busy, mine), start = os.getloadavg()[0], cpu_seconds(), time.perf_counter()
-    result = run(cmd, timeout=timeout, env=launcher_env({"PYTHONUNBUFFERED": "1", **env}))
-    (busy2, mine2), seconds = cpu_seconds(), time.perf_counter() - start
-    others = max(0.0, (busy2 - busy) - (mine2 - mine)) / (seconds * (os.cpu_count() or 1))
+    load, (total, mine), start = os.getloadavg()[0], cpu_seconds(), time.perf_counter()
+    result = run(cmd, timeout=timeout, env=launcher_env({**rank_env(np, hosts), "PYTHONUNBUFFERED": "1", **env}))
+    (total2, mine2), seconds = cpu_seconds(), time.perf_counter() - start
+    others = max(0.0, (total2 - total) - (mine2 - mine)) / (seconds * (os.cpu_count() or 1))
     log.parent.mkdir(parents=True, exist_ok=True)
     log.write_text(result.stdout)
     cell: dict[str, Any] = {"command": cmd, "load_before": load, "launch_seconds": seconds,
@@ -377,38 +385,65 @@ def settings(args: Any) -> tuple[dict[str, Workload], int]:
     return {n: Workload(**{**w.__dict__, "lrs": tuple(given.get(n, w.lrs))}) for n, w in chosen.items()}, k
 
 
+def plan_matrix(args: Any, out: Path) -> tuple[dict[str, Workload], int, str | None, dict[str, dict[str, Any]]]:
+    """Workloads, k, hosts and per workload its steps, warm-up, eval period, flags and strategies;
+    every run's `hvdtrain train` arguments are validated here (ValueError/ConfigError)."""
+    from hvdtrain.cli import check_train_args
+    workloads, k = settings(args)
+    hosts = hosts_from_env(args.np) if args.hosts_from_env else None
+    keys = {key for key, _ in strategies(k, k, True)}
+    wanted = {s.strip() for s in args.strategies.split(",") if s.strip()} | {"horovod"}
+    if args.strategies and not wanted <= keys:
+        raise ValueError(f"--strategies {args.strategies!r}: unknown {sorted(wanted - keys)}; use some of "
+                         f"{', '.join(sorted(keys))}")
+    plan = {}
+    for name, w in workloads.items():
+        steps = total_steps(name, w, args.np)
+        if steps < 2 * k:
+            raise ValueError(f"workload {name} has {steps} steps at --np {args.np}, fewer than 2 k = {2 * k}; "
+                             f"use more --epochs or a smaller --k")
+        warmup = min(multiple_of(k, args.warmup_fraction * steps, k), k * ((steps - 1) // k))
+        every = args.eval_every or multiple_of(k, steps / args.evals, k)
+        runs = [(key, v) for key, v in strategies(k, warmup, hosts is not None, args.tuned_outer)
+                if not args.strategies or key in wanted]
+        common = [*w.flags, "--epochs", str(w.epochs), "--batch-size", str(w.batch), "--seed", str(args.seed),
+                  "--eval-every", str(every)] + (["--rows", str(w.size)] if name == "mlp" else [])
+        plan[name] = {"steps": steps, "warmup": warmup, "eval_every": every, "common": common, "runs": runs}
+        data = ["--data", "regression"] if name == "mlp" else []
+        for lr in w.lrs:
+            for _, v in runs:
+                check_train_args([*common, *data, *v.flags, "--lr", str(lr), "--out", str(out)])
+    return workloads, k, hosts, plan
+
+
+def run_group(args: Any, name: str, lr: float, runs: list[tuple[str, Variant]], argv: list[str],
+              env: dict[str, str], hosts: str | None, out: Path) -> list[dict[str, Any]]:
+    """Every strategy at one (workload, lr); with --retry-busy again while others loaded the CPU."""
+    tries: list[list[dict[str, Any]]] = []
+    while not tries or (busy(tries[-1]) > args.retry_busy > 0 and len(tries) <= args.retries):
+        if tries:
+            print(f"# {name} lr {lr:g}: other processes took {100 * busy(tries[-1]):.0f}% of the CPU during a "
+                  f"run; running the group again", flush=True)
+        group = []
+        for key, v in runs:
+            slug = f"{name}/lr{lr:g}/{v.label.replace(' ', '_').replace('=', '').replace('/', '-')}"
+            cell = run_cell(v, args.np, [*argv, "--lr", str(lr)], env, hosts, out / "runs" / slug,
+                            out / "logs" / f"{slug.replace('/', '-')}.log", args.timeout)
+            group.append({"workload": name, "lr": lr, "key": key, "strategy": v.label, "flags": v.flags,
+                          "attempt": len(tries) + 1, **cell})
+            if "error" in cell:
+                sys.stderr.write(f"hvdtrain: {name} lr {lr:g} {v.label}: {cell['error']}\n")
+        tries.append(group)
+    return min(tries, key=busy)  # the quietest attempt: the same losses (seeded), cleaner times
+
+
 def main(argv: list[str]) -> int:
     from hvdtrain.bench_allreduce import link_shaping
     from hvdtrain.bench_train import machine
-    from hvdtrain.cli import check_train_args
     args = build_parser().parse_args(argv)
+    out = Path(args.out).resolve()  # ranks (on other hosts too) get absolute paths
     try:  # everything is checked before anything is launched or written
-        workloads, k = settings(args)
-        hosts = hosts_from_env(args.np) if args.hosts_from_env else None
-        keys = {key for key, _ in strategies(k, k, True)}
-        wanted = {s.strip() for s in args.strategies.split(",") if s.strip()} | {"horovod"}
-        if args.strategies and not wanted <= keys:
-            raise ValueError(f"--strategies {args.strategies!r}: unknown {sorted(wanted - keys)}; use some of "
-                             f"{', '.join(sorted(keys))}")
-        out = Path(args.out).resolve()
-        plan = {}
-        for name, w in workloads.items():
-            steps = total_steps(name, w, args.np)
-            if steps < 2 * k:
-                raise ValueError(f"workload {name} has {steps} steps at --np {args.np}, fewer than 2 k = {2 * k}; "
-                                 f"use more --epochs or a smaller --k")
-            warmup = min(multiple_of(k, args.warmup_fraction * steps, k), k * ((steps - 1) // k))
-            evals = args.eval_every or multiple_of(k, steps / args.evals, k)
-            runs = [(key, v) for key, v in strategies(k, warmup, hosts is not None, args.tuned_outer)
-                    if not args.strategies or key in wanted]
-            common = [*w.flags, "--epochs", str(w.epochs), "--batch-size", str(w.batch), "--seed", str(args.seed),
-                      "--eval-every", str(evals)] + (["--rows", str(w.size)] if name == "mlp" else [])
-            plan[name] = {"steps": steps, "warmup": warmup, "eval_every": evals, "common": common,
-                          "runs": runs}
-            for lr in w.lrs:
-                for _, v in runs:
-                    check_train_args([*common, "--data", "regression", *v.flags, "--lr", str(lr), "--out", str(out)]
-                                     if name == "mlp" else [*common, *v.flags, "--lr", str(lr), "--out", str(out)])
+        workloads, k, hosts, plan = plan_matrix(args, out)
     except (ValueError, ConfigError) as exc:
         sys.stderr.write(f"hvdtrain: error: {exc}\n")
         return 2
@@ -418,36 +453,21 @@ def main(argv: list[str]) -> int:
     load_before = os.getloadavg()
     cells: list[dict[str, Any]] = []
     for name, w in workloads.items():
-        p = plan[name]
         data = []
-        if name == "mlp":
+        if name == "mlp":  # written once here, not by every rank of every run
             folder = D.builtin_folder(out, "regression", w.size, args.seed)
             if not (folder / "meta.json").is_file():
                 D.make_dataset("regression", folder, rows=w.size, seed=args.seed)
             data = ["--data", str(folder)]
         env = {**w.env, **({"HVDTRAIN_IMAGES": str(w.size)} if name == "resnet" else {})}
         for lr in w.lrs:
-            tries: list[list[dict[str, Any]]] = []
-            while not tries or (busy(tries[-1]) > args.retry_busy > 0 and len(tries) <= args.retries):
-                if tries:
-                    print(f"# {name} lr {lr:g}: other processes took {100 * busy(tries[-1]):.0f}% of the CPU "
-                          f"during a run; running the group again", flush=True)
-                group = []
-                for key, v in p["runs"]:
-                    slug = f"{name}/lr{lr:g}/{v.label.replace(' ', '_').replace('=', '').replace('/', '-')}"
-                    cell = run_cell(v, args.np, [*p["common"], *data, "--lr", str(lr)], env, hosts, out / "runs" / slug,
-                                    out / "logs" / f"{slug.replace('/', '-')}.log", args.timeout)
-                    group.append({"workload": name, "lr": lr, "key": key, "strategy": v.label, "flags": v.flags,
-                                  "attempt": len(tries) + 1, **cell})
-                    if "error" in cell:
-                        sys.stderr.write(f"hvdtrain: {name} lr {lr:g} {v.label}: {cell['error']}\n")
-                tries.append(group)
-            cells += min(tries, key=busy)  # the quietest attempt: same losses (seeded), cleaner times
+            cells += run_group(args, name, lr, plan[name]["runs"], [*plan[name]["common"], *data], env, hosts, out)
     judge(cells)
     title = (f"hvdtrain bench convergence: {args.np} ranks, {label}, k={k}, seed {args.seed}"
              + (" (tiny)" if args.tiny else ""))
     meta = {**machine(), "load_before": load_before, "load_after": os.getloadavg(),
             "network": {"label": label, "hosts": hosts or "local", "link_shaping": shaping},
+            "rank_env": rank_env(args.np, hosts),
             "settings": {**vars(args), "k": k},
             "workloads": {n: {**w.__dict__, **{x: plan[n][x] for x in ("steps", "warmup", "eval_every", "common")},
                               "strategies": {key: v.flags for key, v in plan[n]["runs"]}}

@@ -4,7 +4,6 @@ alternating, `--repeats` times each; samples/s counts the training loop only (se
 and the median is reported. Writes OUT/fit.json and prints a table."""
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import statistics

@@ -141,7 +141,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         return _fail(str(exc), 0, 1, None, EXIT_USAGE)
     backend = strategy.comm
-    rank, size = backend.rank, backend.size
+    rank = backend.rank
     try:
         summary = train(cfg, strategy, stop)
     except ConfigError as exc:  # raised on every rank together (train agrees on errors first)

@@ -117,7 +117,7 @@ class MetricsLog:
 def tensorboard_error() -> str | None:
     """Why --tensorboard cannot work here, or None."""
     try:
-        from torch.utils.tensorboard import SummaryWriter  # noqa: F401
+        from torch.utils.tensorboard import SummaryWriter  # noqa: F401  (only: can it import)
     except ImportError as exc:
         return (f"--tensorboard needs the tensorboard package ({exc}); run `make install` or "
                 f"`pip install tensorboard`")

@@ -11,7 +11,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from hvdtrain.config import ModelConfig, OptimConfig, TrainConfig
+from hvdtrain.config import ModelConfig, OptimConfig
 from hvdtrain.errors import ConfigError
 from hvdtrain.plugins import call_plugin, describe_error, is_spec, load_attr
 

@@ -147,3 +147,25 @@ def test_bad_arguments_exit_2_with_one_line_before_launching(args: list[str], tm
     lines = captured.err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("hvdtrain: error: "), captured.err
     assert captured.out == "" and not out.exists()
+
+
+def test_hosts_from_env_spreads_ranks_evenly_and_adds_hierarchy(monkeypatch: pytest.MonkeyPatch) -> None:
+    from hvdtrain.bench_convergence import hosts_from_env
+    monkeypatch.setenv("HOSTS", "198.18.0.1:1,198.18.0.2:1")  # as mpi_jobs/cluster_local.sh exports it
+    assert hosts_from_env(4) == "198.18.0.1:2,198.18.0.2:2"
+    with pytest.raises(ValueError, match="--np 2"):
+        hosts_from_env(3)
+    labels = {key: v.label for key, v in strategies(16, 48, hierarchy=True)}
+    assert labels["hier"] == "hier 4,16" and "hier" not in dict(strategies(16, 48, hierarchy=False))
+
+
+def test_ranks_get_hvdtrain_mpi_settings_at_launch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`python -m mpi4py` starts MPI before hvdtrain runs: the settings must be in the launch env."""
+    from hvdtrain.bench_convergence import rank_env
+    monkeypatch.delenv("OMPI_MCA_mpi_yield_when_idle", raising=False)
+    monkeypatch.delenv("OMPI_MCA_coll_tuned_allreduce_algorithm", raising=False)
+    local, across = rank_env(2, None), rank_env(4, "198.18.0.1:2,198.18.0.2:2")
+    assert local["OMPI_MCA_mpi_yield_when_idle"] == "1" and local["OMPI_MCA_coll_tuned_allreduce_algorithm"] == "5"
+    assert across["OMPI_MCA_mpi_yield_when_idle"] == "1" and "OMPI_MCA_coll_tuned_allreduce_algorithm" not in across
+    monkeypatch.setenv("OMPI_MCA_mpi_yield_when_idle", "0")  # what the user exported wins
+    assert "OMPI_MCA_mpi_yield_when_idle" not in rank_env(2, None)
