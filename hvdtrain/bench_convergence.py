@@ -14,9 +14,9 @@ gradient warm-up (post-local SGD); k=K with an outer Nesterov optimizer (DiLoCo'
 momentum 0.9); k=K with warm-up and a tuned outer Nesterov; and, with --hosts-from-env (ranks
 across the hosts in $HOSTS, e.g. from mpi_jobs/cluster_local.sh), the hierarchical 4,K, which on
 one host would equal k=4. Writes OUT/convergence.json, OUT/convergence.md, OUT/loss_vs_time_*.png.
-The table's "others %" is the share of the machine's CPU that other processes took during a run:
-a run with more than a few percent was timed on a busy machine (across hosts it also counts our
-own remote ranks, which sshd starts).
+The table's "others %" is the share of the machine's CPU that other processes took during a run
+(on the local cluster our ranks there count as ours, see cpu_seconds): a run with more than a
+few percent was timed on a busy machine; --retry-busy runs such a (workload, lr) group again.
 """
 from __future__ import annotations
 
@@ -220,16 +220,27 @@ def finite(x: Any) -> Any:
 
 
 def cpu_seconds() -> tuple[float, float]:
-    """(busy CPU seconds of the whole machine, CPU seconds of our finished children): their
-    difference over a run is what other processes took, i.e. how noisy its timing is."""
+    """(busy CPU seconds of the whole machine, CPU seconds of our finished runs): their
+    difference over a run is what other processes took, i.e. how noisy its timing is. Ranks on
+    the local cluster's hosts are not our children but those of the hosts' sshd daemons, whose
+    reaped-children times (cutime, cstime) grow by exactly what each finished job used there."""
     import resource
+    tick = os.sysconf("SC_CLK_TCK")
     try:
         ticks = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
-        busy = (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
+        busy = (sum(ticks) - ticks[3] - ticks[4]) / tick
     except (OSError, ValueError):
         busy = math.nan
     me = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return busy, me.ru_utime + me.ru_stime
+    mine = me.ru_utime + me.ru_stime
+    state = os.environ.get("HVDTRAIN_CLUSTER_DIR")  # set by `eval "$(mpi_jobs/cluster_local.sh up N)"`
+    for pid_file in Path(state).glob("sshd-*.pid") if state else ():
+        try:  # /proc/PID/stat fields 14-17 (utime stime cutime cstime), counted after "(comm)"
+            fields = Path(f"/proc/{pid_file.read_text().strip()}/stat").read_text().rsplit(")", 1)[1].split()
+            mine += sum(int(x) for x in fields[11:15]) / tick
+        except (OSError, ValueError, IndexError):
+            pass
+    return busy, mine
 
 
 def busy(group: list[dict[str, Any]]) -> float:

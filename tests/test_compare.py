@@ -35,10 +35,10 @@ def test_one_run_per_strategy(report: tuple[Path, str]) -> None:
     out, stdout = report
     data = json.loads((out / "compare.json").read_text())
     assert data["np"] == 2
-    assert [r["label"] for r in data["runs"]] == ["horovod", "mpi k=1", "mpi k=4"]
+    assert [r["label"] for r in data["runs"]] == ["horovod", "mpi k=1", "mpi k=4", "ddp"]
     summaries = [r["summary"] for r in data["runs"]]
-    assert [s["backend"] for s in summaries] == ["horovod", "mpi", "mpi"]
-    assert [s["sync_every"] for s in summaries[1:]] == [1, 4]
+    assert [s["backend"] for s in summaries] == ["horovod", "mpi", "mpi", "ddp"]
+    assert [s["sync_every"] for s in summaries[1:3]] == [1, 4]
     assert all(s["world_size"] == 2 and s["steps"] > 0 for s in summaries)
     assert len({s["samples"] for s in summaries}) == 1, "every strategy must see the same number of samples"
     for s in summaries:
@@ -50,9 +50,10 @@ def test_one_run_per_strategy(report: tuple[Path, str]) -> None:
 @pytest.mark.mpi
 def test_horovod_equals_mpi_averaging_every_step(report: tuple[Path, str]) -> None:
     runs = {r["label"]: r["summary"] for r in json.loads((report[0] / "compare.json").read_text())["runs"]}
-    hvd, mpi = runs["horovod"], runs["mpi k=1"]
+    hvd, mpi, ddp = runs["horovod"], runs["mpi k=1"], runs["ddp"]
     for key in ("final_loss", "eval_loss"):
         assert hvd[key] == pytest.approx(mpi[key], rel=1e-5), key
+        assert hvd[key] == pytest.approx(ddp[key], rel=1e-5), key  # DDP: the same gradient average
     assert hvd["bytes_communicated"] == mpi["bytes_communicated"] > 0
 
 
