@@ -74,7 +74,7 @@ def test_compare(tmp_path):
     assert result.returncode == 0, result.stdout[-4000:]
     assert command_line(result).endswith(f"compare --np 2 --out {out} --rows 2000 --epochs 1 --sync-every 1")
     report = json.loads((out / "compare.json").read_text())
-    assert [r["label"] for r in report["runs"]] == ["horovod", "mpi k=1"]
+    assert [r["label"] for r in report["runs"]] == ["horovod", "mpi k=1", "ddp"]  # the registry, k=1
     assert "| strategy |" in (out / "report.md").read_text()
 
 
