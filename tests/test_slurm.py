@@ -151,7 +151,7 @@ def test_compare(slurm, tmp_path):
     assert rc == 0, f"{text}\n{logs}"
     assert (out / "report.md").is_file() and (out / "report.md").read_text().strip(), logs
     runs = json.loads((out / "compare.json").read_text())["runs"]
-    assert [r["label"] for r in runs] == ["horovod", "mpi k=4"], runs
+    assert [r["label"] for r in runs] == ["horovod", "mpi k=4", "ddp"], runs  # every registered strategy
     for r in runs:
         assert r["summary"]["world_size"] == 2 and r["summary"]["final_loss"] < r["summary"]["first_loss"], r
 
