@@ -235,8 +235,14 @@ def cpu_seconds() -> tuple[float, float]:
     mine = me.ru_utime + me.ru_stime
     state = os.environ.get("HVDTRAIN_CLUSTER_DIR")  # set by `eval "$(mpi_jobs/cluster_local.sh up N)"`
     for pid_file in Path(state).glob("sshd-*.pid") if state else ():
-        try:  # /proc/PID/stat fields 14-17 (utime stime cutime cstime), counted after "(comm)"
-            fields = Path(f"/proc/{pid_file.read_text().strip()}/stat").read_text().rsplit(")", 1)[1].split()
+        try:
+            pid = pid_file.read_text().strip()
+            for _ in range(40):  # a job's ssh sessions end just after mpirun: wait until sshd reaped them
+                if not Path(f"/proc/{pid}/task/{pid}/children").read_text().strip():
+                    break
+                time.sleep(0.05)
+            # /proc/PID/stat fields 14-17 (utime stime cutime cstime), counted after "(comm)"
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
             mine += sum(int(x) for x in fields[11:15]) / tick
         except (OSError, ValueError, IndexError):
             pass

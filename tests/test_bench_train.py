@@ -52,7 +52,12 @@ def test_rows_are_sane(bench: tuple[dict[str, Any], str]) -> None:
         assert len(r["peak_rss_bytes"]) == r["ranks"] and all(b > 0 for b in r["peak_rss_bytes"]), where
         assert math.isfinite(r["final_loss"]), where
         if r["strategy"] not in ("plain torch", "single"):
-            assert 0 < r["efficiency"] <= 1.5, where
+            # recomputed from the rows: samples/s at N over N x samples/s of the same strategy at 1.
+            # No tight upper bound: on a busy 2-core machine a slow 1-rank run pushes it above 1.
+            one = next(o["samples_per_sec"] for o in bench[0]["rows"]
+                       if o["strategy"] == r["strategy"] and o["ranks"] == 1)
+            assert r["efficiency"] == pytest.approx(r["samples_per_sec"] / (r["ranks"] * one)), where
+            assert 0 < r["efficiency"] < 10, where
         if r["ranks"] == 1:
             assert r["vs_plain"] > 0 and r["bytes_per_step"] == 0, where
     by = {(r["strategy"], r["ranks"]): r for r in bench[0]["rows"]}
