@@ -85,8 +85,10 @@ def total_steps(name: str, w: Workload, np: int) -> int:
     return D.steps_per_epoch(D.block_sizes(train_rows(name, w), np), w.batch) * w.epochs
 
 
-def strategies(k: int, warmup: int, hierarchy: bool, tuned: tuple[float, float] = TUNED_OUTER) -> list[tuple[str, Variant]]:
-    """(key, variant) in run order, Horovod first: the others are judged against it."""
+def strategies(k: int, warmup: int, hierarchy: bool, tuned: tuple[float, float] = TUNED_OUTER,
+               seconds: float = 0.0, eval_syncs: int = 1) -> list[tuple[str, Variant]]:
+    """(key, variant) in run order, Horovod first: the others are judged against it. With
+    `seconds` > 0 also time-based averaging every `seconds`, evaluated every `eval_syncs` syncs."""
     hvd, mpi = STRATEGIES["horovod"].launcher, STRATEGIES["mpi"].launcher
     periodic = ["--backend", "mpi", "--sync-every", str(k)]
     warm = ["--warmup-allreduce-steps", str(warmup)]
@@ -98,10 +100,27 @@ def strategies(k: int, warmup: int, hierarchy: bool, tuned: tuple[float, float] 
                "--outer-optimizer", "nesterov", "--outer-lr", "0.7", "--outer-momentum", "0.9"])),
            ("tuned", Variant(f"k={k} +warm-up +nesterov {tuned[0]:g}/{tuned[1]:g}", mpi, periodic + warm + [
                "--outer-optimizer", "nesterov", "--outer-lr", str(tuned[0]), "--outer-momentum", str(tuned[1])]))]
+    if seconds > 0:
+        out.append(("seconds", Variant(f"every {seconds:g} s", mpi, ["--backend", "mpi", "--sync-every-seconds",
+                                                                     str(seconds), "--eval-every", str(eval_syncs)])))
     if hierarchy:
         out.append(("hier", Variant(f"hier {max(1, k // 4)},{k}", mpi,
                                     ["--backend", "mpi", "--hierarchy", f"{max(1, k // 4)},{k}"])))
     return out
+
+
+def throttled(flags: tuple[str, ...], factor: float, rank: int) -> tuple[str, ...]:
+    """The workload's --model/--model-args wrapped so that `rank` runs `factor` times slower."""
+    out, i, model, margs = [], 0, None, {}
+    while i < len(flags):
+        if flags[i] in ("--model", "--model-args"):
+            model, margs = (flags[i + 1], margs) if flags[i] == "--model" else (model, json.loads(flags[i + 1]))
+            i += 2
+            continue
+        out.append(flags[i])
+        i += 1
+    wrapped = {"model": model, "factor": factor, "rank": rank, "args": margs}
+    return ("--model", "hvdtrain.examples.throttle:Throttled", "--model-args", json.dumps(wrapped), *out)
 
 
 def multiple_of(k: int, value: float, lo: int) -> int:
@@ -190,6 +209,13 @@ def goals(cells: list[dict[str, Any]]) -> list[str]:
             f"fastest to it {fast['strategy']} {fast['time_ratio']:.2f}x")
         lines.append(f"{w} lr {lr:g}: {gap}; {speed} (Horovod's loss moved "
                      f"{100 * (max(last) - min(last)) / last[-1]:.1f}% over its last 3 evaluations)")
+        timed, fixed = (next((c for c in mine if c["key"] == key), None) for key in ("seconds", "k"))
+        if timed is not None and fixed is not None:
+            t, f = timed["time_to_target"], fixed["time_to_target"]
+            lines.append(f"{w} lr {lr:g}: {timed['strategy']} vs {fixed['strategy']}: " + (
+                f"Horovod's loss {f / t:.2f}x sooner" if t and f else
+                f"time to Horovod's loss {t if t is None else f'{t:.2f} s'} vs {f if f is None else f'{f:.2f} s'}")
+                + f"; gap {100 * (timed['gap'] or 0):+.2f}% vs {100 * (fixed['gap'] or 0):+.2f}%")
     for s in dict.fromkeys(c["strategy"] for c in cells if c["key"] != "horovod"):
         mine = [c for c in cells if c["strategy"] == s and c.get("target_loss") is not None]
         near = sum(c["gap"] is not None and c["gap"] <= 0.01 for c in mine)
@@ -342,6 +368,11 @@ def build_parser() -> Any:
                                                     "k1,k,warmup,nesterov,tuned,hier")
     p.add_argument("--tuned-outer", default=",".join(map(str, TUNED_OUTER)),
                    help="outer Nesterov LR,MOMENTUM of the `tuned` strategy")
+    p.add_argument("--sync-seconds", type=float, default=0.0,
+                   help="also run time-based averaging (--sync-every-seconds T; key `seconds`); 0: not")
+    p.add_argument("--slow-rank-factor", type=float, default=0.0,
+                   help="the last rank's steps take F times as long (hvdtrain.examples.throttle; cnn and "
+                        "resnet only); 0: no rank slowed")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/bench-convergence")
     p.add_argument("--tiny", action="store_true", help="CI settings: one lr, a few steps, small data, k=4")
@@ -369,6 +400,13 @@ def settings(args: Any) -> tuple[dict[str, Workload], int]:
     if not 0 <= args.retry_busy < 1 or args.retries < 0:
         raise ValueError(f"--retry-busy {args.retry_busy} must be in [0, 1) and --retries {args.retries} >= 0; "
                          f"e.g. --retry-busy 0.1 --retries 2")
+    if not (math.isfinite(args.sync_seconds) and args.sync_seconds >= 0) or not (
+            args.slow_rank_factor == 0 or args.slow_rank_factor >= 1):
+        raise ValueError(f"--sync-seconds {args.sync_seconds} must be >= 0 and --slow-rank-factor "
+                         f"{args.slow_rank_factor} 0 or >= 1; e.g. --sync-seconds 0.5 --slow-rank-factor 2")
+    if args.slow_rank_factor and "mlp" in names:
+        raise ValueError("--slow-rank-factor wraps a MODULE:ATTR model; the mlp workload's is built in: "
+                         "use --workloads cnn,resnet")
     if not 0 < args.warmup_fraction < 1:
         raise ValueError(f"--warmup-fraction {args.warmup_fraction} must be in (0, 1); e.g. 0.25")
     try:
@@ -383,6 +421,9 @@ def settings(args: Any) -> tuple[dict[str, Workload], int]:
         raise ValueError(f"--eval-every {args.eval_every} is not a multiple of k={k}: replicas would be evaluated "
                          f"between syncs; use --eval-every {k * max(1, args.eval_every // k)}")
     chosen = {n: WORKLOADS[n] for n in names}
+    if args.slow_rank_factor:
+        chosen = {n: Workload(**{**w.__dict__, "flags": throttled(w.flags, args.slow_rank_factor, args.np - 1)})
+                  for n, w in chosen.items()}
     if args.tiny:
         chosen = {n: Workload(**{**w.__dict__, **TINY[n]}) for n, w in chosen.items()}
     if args.epochs:
@@ -408,11 +449,13 @@ def plan_matrix(args: Any, out: Path) -> tuple[dict[str, Workload], int, str | N
     from hvdtrain.cli import check_train_args
     workloads, k = settings(args)
     hosts = hosts_from_env(args.np) if args.hosts_from_env else None
-    keys = {key for key, _ in strategies(k, k, True)}
+    keys = {key for key, _ in strategies(k, k, True, seconds=1.0)}
     wanted = {s.strip() for s in args.strategies.split(",") if s.strip()} | {"horovod"}
     if args.strategies and not wanted <= keys:
         raise ValueError(f"--strategies {args.strategies!r}: unknown {sorted(wanted - keys)}; use some of "
                          f"{', '.join(sorted(keys))}")
+    if "seconds" in wanted and not args.sync_seconds:
+        raise ValueError("--strategies seconds needs --sync-seconds T (e.g. 0.5)")
     plan = {}
     for name, w in workloads.items():
         steps = total_steps(name, w, args.np)
@@ -421,7 +464,8 @@ def plan_matrix(args: Any, out: Path) -> tuple[dict[str, Workload], int, str | N
                              f"use more --epochs or a smaller --k")
         warmup = min(multiple_of(k, args.warmup_fraction * steps, k), k * ((steps - 1) // k))
         every = args.eval_every or multiple_of(k, steps / args.evals, k)
-        runs = [(key, v) for key, v in strategies(k, warmup, hosts is not None, args.tuned_outer)
+        runs = [(key, v) for key, v in strategies(k, warmup, hosts is not None, args.tuned_outer,
+                                                  args.sync_seconds, max(1, every // k))
                 if not args.strategies or key in wanted]
         common = [*w.flags, "--epochs", str(w.epochs), "--batch-size", str(w.batch), "--seed", str(args.seed),
                   "--eval-every", str(every)] + (["--rows", str(w.size)] if name == "mlp" else [])

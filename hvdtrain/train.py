@@ -170,60 +170,67 @@ def _train(cfg: TrainConfig, strategy: SyncStrategy, stop_requested: Callable[[]
     comm0, bytes0 = strategy.comm_seconds, strategy.bytes_sent
     loop_start = window_start = time.perf_counter()
     start_step = step
+    saved_step = -1
     eval_seconds = 0.0
     model.train()
-    for epoch in range(step // steps_epoch, cfg.epochs):
-        first = step - epoch * steps_epoch
-        order = D.epoch_order(data.train.n, epoch, rank, cfg.seed)[first * per_step:steps_epoch * per_step]
-        batches = data.train.batches(order, cfg.batch_size)
-        for _ in range(first, steps_epoch):
-            optimizer.zero_grad()
-            step_loss = torch.zeros((), dtype=torch.float64, device=device)
-            for _m in range(micro):
-                x, y = next(batches)
-                with autocast:
-                    loss = loss_fn(forward(x), y) / micro
-                (scaler.scale(loss) if scaler else loss).backward()
-                step_loss += loss.detach()
-            c, b = strategy.comm_seconds, strategy.bytes_sent
-            with dog.guard(f"the synchronisation of step {step + 1}"):
-                strategy.step(optimizer, scaler)  # hvdtrain: Horovod waits here for the gradient allreduce
-                step += 1
-                strategy.after_step(step, model)  # hvdtrain: MPI fallback averages parameters every k
-            if scheduler is not None:
-                scheduler.step()
-            window.append((step, epoch, step_loss, strategy.comm_seconds - c, strategy.bytes_sent - b))
-            if step % cfg.log_every == 0 or step == total_steps:
-                with dog.guard(f"the metrics allreduce at step {step}"):
-                    stop = _flush(window, comm, log, cfg, window_start, losses, stop_requested())
-                window, window_start = [], time.perf_counter()
-                if stop:
-                    with dog.guard(f"the checkpoint at step {step}"):
-                        path = save_run(out, comm, strategy, model, optimizer, step, extras, layout)
-                    log.close()
-                    dog.close()
-                    raise Preempted(step, path)
-            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+    batches = _batches(data, cfg, rank, step, steps_epoch, per_step)
+    while strategy.more(step, total_steps):  # hvdtrain: step < total_steps unless ranks run on time
+        optimizer.zero_grad()
+        step_loss = torch.zeros((), dtype=torch.float64, device=device)
+        for _m in range(micro):
+            epoch, (x, y) = next(batches)
+            with autocast:
+                loss = loss_fn(forward(x), y) / micro
+            (scaler.scale(loss) if scaler else loss).backward()
+            step_loss += loss.detach()
+        c, b = strategy.comm_seconds, strategy.bytes_sent
+        with dog.guard(f"the synchronisation of step {step + 1}"):
+            strategy.step(optimizer, scaler)  # hvdtrain: Horovod waits here for the gradient allreduce
+            step += 1
+            synced = strategy.after_step(step, model)  # hvdtrain: MPI fallback averages parameters every k
+        if scheduler is not None:
+            scheduler.step()
+        window.append((step, epoch, step_loss, strategy.comm_seconds - c, strategy.bytes_sent - b))
+        tick = strategy.tick(step, synced)  # hvdtrain: where all ranks meet (every step, or at syncs)
+        if tick is None:
+            continue
+        last = not strategy.more(step, total_steps)
+        if tick % cfg.log_every == 0 or last:
+            with dog.guard(f"the metrics allreduce at step {step}"):
+                stop = _flush(window, comm, log, cfg, window_start, losses, stop_requested(),
+                              strategy.lockstep)
+            window, window_start = [], time.perf_counter()
+            if stop:
                 with dog.guard(f"the checkpoint at step {step}"):
-                    save_run(out, comm, strategy, model, optimizer, step, extras, layout)
-            if cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:
-                eval_start = time.perf_counter()  # time-to-accuracy: training time only
-                with dog.guard(f"the evaluation at step {step}"):
-                    log.evaluation(step, eval_start - loop_start - eval_seconds,
-                                   evaluate(model, loss_fn, data, comm, cfg.batch_size * 4, autocast))
-                eval_seconds += time.perf_counter() - eval_start
+                    path = save_run(out, comm, strategy, model, optimizer, step, extras, layout)
+                log.close()
+                dog.close()
+                raise Preempted(step, path)
+        if cfg.checkpoint_every and tick % cfg.checkpoint_every == 0:
+            with dog.guard(f"the checkpoint at step {step}"):
+                save_run(out, comm, strategy, model, optimizer, step, extras, layout)
+            saved_step = step
+        if cfg.eval_every and tick % cfg.eval_every == 0 and not last:
+            eval_start = time.perf_counter()  # time-to-accuracy: training time only
+            with dog.guard(f"the evaluation at step {step}"):
+                log.evaluation(step, eval_start - loop_start - eval_seconds,
+                               evaluate(model, loss_fn, data, comm, cfg.batch_size * 4, autocast))
+            eval_seconds += time.perf_counter() - eval_start
     train_seconds = time.perf_counter() - loop_start - eval_seconds
     with dog.guard("the final synchronisation"):
         strategy.finish(model, step)  # hvdtrain: MPI fallback ends with one last average
-        if not cfg.checkpoint_every or step % cfg.checkpoint_every:
+        if saved_step != step:
             save_run(out, comm, strategy, model, optimizer, step, extras, layout)
         evaluation = evaluate(model, loss_fn, data, comm, cfg.batch_size * 4, autocast)
         log.evaluation(step, train_seconds, evaluation)
-        comm_s = comm.allreduce_sum(np.array([strategy.comm_seconds - comm0])) / size
+        mine = np.zeros(size + 1)
+        mine[0], mine[1 + rank] = strategy.comm_seconds - comm0, step - start_step
+        totals = comm.allreduce_sum(mine)  # mean comm time; steps by rank (time-based ranks differ)
     dog.close()
     log.close()
 
-    samples = (step - start_step) * per_step * size
+    steps_by_rank = [int(n) for n in totals[1:]]
+    samples = sum(steps_by_rank) * per_step
     if rank != 0:
         return None
     atomic_torch_save({k: v.detach().cpu().clone() for k, v in model.state_dict().items()}, out / "model.pt")
@@ -234,13 +241,26 @@ def _train(cfg: TrainConfig, strategy: SyncStrategy, stop_requested: Callable[[]
         "first_loss": losses[0] if losses else None, "final_loss": losses[-1] if losses else None,
         **evaluation, "wall_seconds": time.perf_counter() - wall_start, "train_seconds": train_seconds,
         "samples_per_sec": samples / train_seconds if train_seconds > 0 else 0.0,
-        "comm_seconds": float(comm_s[0]), "bytes_communicated": strategy.bytes_sent - bytes0,
+        "comm_seconds": float(totals[0] / size), "steps_by_rank": steps_by_rank,
+        "bytes_communicated": strategy.bytes_sent - bytes0,
         "bytes_per_step": (strategy.bytes_sent - bytes0) / max(1, step - start_step),
         "threads_per_rank": threads, "device": str(device), "data": data.source,
         "parameters": sum(p.numel() for p in model.parameters()), "config": to_dict(cfg),
     }
     log.summary(summary)
     return summary
+
+
+def _batches(data: RankData, cfg: TrainConfig, rank: int, step: int, steps_epoch: int,
+             per_step: int) -> Iterator[tuple[int, Any]]:
+    """(epoch, batch) of this rank's block from `step` on, epoch after epoch: a fresh seeded
+    order per epoch, whole steps only (ranks running on time may go past the last epoch)."""
+    epoch, first = divmod(step, steps_epoch)
+    while True:
+        order = D.epoch_order(data.train.n, epoch, rank, cfg.seed)[first * per_step:steps_epoch * per_step]
+        for batch in data.train.batches(order, cfg.batch_size):
+            yield epoch, batch
+        epoch, first = epoch + 1, 0
 
 
 def _startup_record(cfg: TrainConfig, model: torch.nn.Module, data: RankData) -> dict:
@@ -259,23 +279,28 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def _flush(window: list[tuple[int, int, torch.Tensor, float, int]], comm: Comm, log: MetricsLog,
-           cfg: TrainConfig, window_start: float, losses: list[float], stop: bool) -> bool:
-    """One small allreduce per window: mean losses, the stop vote and NaN reports of every rank."""
+           cfg: TrainConfig, window_start: float, losses: list[float], stop: bool,
+           lockstep: bool = True) -> bool:
+    """One small allreduce per window: mean losses, the stop vote and NaN reports of every rank.
+    Ranks in lockstep log every step; time-based ranks took different steps, so they log one
+    row per window (the loss over all ranks' steps)."""
     local = torch.stack([w[2] for w in window]).double().cpu().numpy()
     first_bad = next((w[0] for w, v in zip(window, local) if not np.isfinite(v)), 0)
     bad = np.zeros(comm.size)
     bad[comm.rank] = first_bad
-    summed = comm.allreduce_sum(np.concatenate([np.nan_to_num(local), [float(stop)], bad]))
-    n = len(window)
-    if summed[n + 1:].any():
-        where = ", ".join(f"rank {r} at step {int(s)}" for r, s in enumerate(summed[n + 1:]) if s)
+    rows, sums = (window, local) if lockstep else (window[-1:], local.sum(keepdims=True))
+    n = len(rows)
+    summed = comm.allreduce_sum(np.concatenate([np.nan_to_num(sums), [float(stop), len(window)], bad]))
+    if summed[n + 2:].any():
+        where = ", ".join(f"rank {r} at step {int(s)}" for r, s in enumerate(summed[n + 2:]) if s)
         raise NumericalError(f"loss became NaN/Inf on {where}; lower --lr or check the data")
-    mean = summed[:n] / comm.size
+    steps = summed[n + 1]  # by all ranks in this window
+    mean = summed[:n] / (comm.size if lockstep else steps)
     elapsed = max(time.perf_counter() - window_start, 1e-9)
-    rate = n * cfg.batch_size * cfg.sync.backward_passes_per_step * comm.size / elapsed
+    rate = steps * cfg.batch_size * cfg.sync.backward_passes_per_step / elapsed
     log.steps([{"step": st, "epoch": ep, "loss": float(l), "samples_per_sec": rate,
                 "comm_seconds": cs, "bytes_sent": bs}
-               for (st, ep, _, cs, bs), l in zip(window, mean)])
+               for (st, ep, _, cs, bs), l in zip(rows, mean)])
     losses.extend(float(l) for l in mean)
     return bool(summed[n] > 0)
 

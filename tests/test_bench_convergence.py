@@ -131,7 +131,9 @@ def test_time_to_target_interpolates_and_says_never() -> None:
 @pytest.mark.parametrize("args", [["--workloads", "cnn,vgg"], ["--lrs", "cnn=fast"], ["--lrs", "-0.1"],
                                   ["--np", "1"], ["--k", "16", "--eval-every", "24"], ["--strategies", "k,ddp"],
                                   ["--hosts-from-env"], ["--workloads", "cnn", "--epochs", "1", "--k", "64"],
-                                  ["--tuned-outer", "1.0"], ["--nonsense"]])
+                                  ["--tuned-outer", "1.0"], ["--nonsense"], ["--strategies", "seconds"],
+                                  ["--sync-seconds", "-1"], ["--slow-rank-factor", "0.5"],
+                                  ["--slow-rank-factor", "2", "--workloads", "mlp"]])
 def test_bad_arguments_exit_2_with_one_line_before_launching(args: list[str], tmp_path: Path,
                                                              capsys: pytest.CaptureFixture[str],
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
@@ -169,3 +171,18 @@ def test_ranks_get_hvdtrain_mpi_settings_at_launch(monkeypatch: pytest.MonkeyPat
     assert across["OMPI_MCA_mpi_yield_when_idle"] == "1" and "OMPI_MCA_coll_tuned_allreduce_algorithm" not in across
     monkeypatch.setenv("OMPI_MCA_mpi_yield_when_idle", "0")  # what the user exported wins
     assert "OMPI_MCA_mpi_yield_when_idle" not in rank_env(2, None)
+
+
+def test_slowed_rank_wraps_the_workload_model_and_seconds_is_a_strategy() -> None:
+    from hvdtrain.bench_convergence import throttled
+    flags = WORKLOADS["resnet"].flags
+    out = throttled(flags, 2.0, 1)
+    assert out[:3] == ("--model", "hvdtrain.examples.throttle:Throttled", "--model-args")
+    assert json.loads(out[3]) == {"model": "hvdtrain.examples.resnet:resnet18", "factor": 2.0, "rank": 1,
+                                  "args": {"num_classes": 10}}
+    rest = [f for i, f in enumerate(flags) if f not in ("--model", "--model-args")
+            and (i == 0 or flags[i - 1] not in ("--model", "--model-args"))]
+    assert list(out[4:]) == rest
+    timed = dict(strategies(16, 48, hierarchy=False, seconds=0.5, eval_syncs=3))["seconds"]
+    assert timed.flags == ["--backend", "mpi", "--sync-every-seconds", "0.5", "--eval-every", "3"]
+    assert "seconds" not in dict(strategies(16, 48, hierarchy=False))

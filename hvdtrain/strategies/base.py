@@ -30,6 +30,8 @@ class SyncStrategy(ABC):
     name: str = "base"
     comm_kind: str = "single"
     """Which Comm (`horovod`, `mpi`, `single`) the strategy runs on."""
+    lockstep: bool = True
+    """True when every rank takes the same steps (False: time-based, ranks meet only at syncs)."""
     replicas_identical: bool = True
     """True when every rank holds the same optimizer state after each step (checkpoint one copy)."""
 
@@ -60,6 +62,16 @@ class SyncStrategy(ABC):
     def after_step(self, step: int, model: torch.nn.Module) -> bool:
         """Called after every optimizer step (1-based count); True if replicas were synced."""
         return False
+
+    def more(self, step: int, total_steps: int) -> bool:
+        """Does this rank take another step? Every rank must get the same answer at a meeting point."""
+        return step < total_steps
+
+    def tick(self, step: int, synced: bool) -> int | None:
+        """The count the loop's log/checkpoint/eval intervals use after `step`, or None where the
+        ranks do not meet (they must all run the loop's collectives at the same points). Ranks
+        that take the same steps meet after every step; time-based ranks only at syncs."""
+        return step
 
     def finish(self, model: torch.nn.Module, step: int) -> None:
         """After the last step (`step`): leave every rank with the same final model."""

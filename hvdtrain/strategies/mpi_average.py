@@ -9,7 +9,12 @@ with the same weights at every sync. Options (SyncConfig):
 - outer_optimizer sgd|nesterov (DiLoCo): each sync applies the pseudo-gradient to the last
   global parameters with an outer optimizer (strategies/outer.py) instead of plain averaging;
 - hierarchy K_LOCAL,K_GLOBAL: average within each host every K_LOCAL steps and across hosts
-  every K_GLOBAL (class Hierarchy), instead of every sync_every.
+  every K_GLOBAL (class Hierarchy), instead of every sync_every;
+- sync_every_seconds T (time-based): each rank takes local steps until T seconds have passed
+  since the last sync, then all average with w_i = samples rank i trained since that sync / all
+  of them, so a slow rank never holds the fast ones back. Ranks then take different numbers of
+  steps: they meet only at syncs (`tick`), and the run ends at the first sync where the samples
+  trained by all ranks reach the run's budget (epochs x data set).
 """
 from __future__ import annotations
 
@@ -143,6 +148,12 @@ class MPIAverage(SyncStrategy):
         self.hierarchy = Hierarchy(self.comm.mpi, weights[self.rank]) if cfg.hierarchy else None
         self._steps = 0       # optimizer steps taken (the warm-up counts them)
         self._last_sync = 0
+        self.period = cfg.sync_every_seconds
+        self.lockstep = not self.period
+        self.syncs = 0             # time-based: syncs so far (the loop's tick)
+        self.global_steps = 0      # time-based: steps all ranks took up to the last sync
+        self._round_steps = 0      # time-based: this rank's steps since the last sync
+        self._round_start = time.perf_counter()
         return optimizer
 
     def _allreduce_gradients(self, optimizer: torch.optim.Optimizer) -> None:
@@ -176,7 +187,39 @@ class MPIAverage(SyncStrategy):
             self.bytes_sent += ring_bytes(self.averager.nbytes, self.size)
         self.comm_seconds += time.perf_counter() - start
 
+    def _timed_sync(self, step: int) -> bool:
+        """Time-based: after T seconds of local steps, average weighted by the steps (equal-size
+        batches, so samples) each rank took since the last sync; one small allreduce first."""
+        self._round_steps += 1
+        if time.perf_counter() - self._round_start < self.period:
+            return False
+        start = time.perf_counter()
+        counts = np.zeros(self.size)
+        counts[self.rank] = self._round_steps
+        self.comm.mpi.Allreduce(MPI.IN_PLACE, counts, op=MPI.SUM)
+        self.averager.sync(self.outer.step if self.outer is not None else None,
+                           weight=counts[self.rank] / counts.sum())
+        self.bytes_sent += ring_bytes(self.averager.nbytes + counts.nbytes, self.size)
+        self.comm_seconds += time.perf_counter() - start
+        self.global_steps += int(counts.sum())
+        self.syncs += 1
+        self._last_sync, self._round_steps = step, 0
+        self._round_start = time.perf_counter()
+        return True
+
+    def more(self, step: int, total_steps: int) -> bool:
+        if not self.period:
+            return step < total_steps
+        return self.global_steps < total_steps * self.size  # the same on every rank after a sync
+
+    def tick(self, step: int, synced: bool) -> int | None:
+        if not self.period:
+            return step
+        return self.syncs if synced else None
+
     def after_step(self, step: int, model: torch.nn.Module) -> bool:
+        if self.period:
+            return self._timed_sync(step)
         if step <= self.warmup:  # replicas moved together this step
             if step == self.warmup and self.outer is not None:
                 self.outer.reset(self.averager.params())
@@ -192,6 +235,8 @@ class MPIAverage(SyncStrategy):
         return False
 
     def finish(self, model: torch.nn.Module, step: int) -> None:
+        if self.period:  # time-based runs end only right after a sync
+            return
         if step != self._last_sync:
             self._sync()
             self._last_sync = step
@@ -206,14 +251,18 @@ class MPIAverage(SyncStrategy):
             optimizer.load_state_dict(state)
         if self.outer is not None and self.outer.globals is None:
             self.outer.reset(self.averager.params())
+        self._round_start = time.perf_counter()  # every rank leaves the broadcast together
 
     def state_dict(self) -> dict[str, Any]:
-        return {"steps": self._steps, "last_sync": self._last_sync,
+        return {"steps": self._steps, "last_sync": self._last_sync, "syncs": self.syncs,
+                "global_steps": self.global_steps,
                 "outer": self.outer.state_dict() if self.outer is not None else {}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if not state:  # a checkpoint of another strategy
             return
         self._steps, self._last_sync = int(state["steps"]), int(state["last_sync"])
+        self.syncs, self.global_steps = int(state.get("syncs", 0)), int(state.get("global_steps", 0))
+        self._round_start = time.perf_counter()
         if self.outer is not None:
             self.outer.load_state_dict(state["outer"])

@@ -2,6 +2,8 @@
 the outer optimizer (and how it relates to alpha-mixing), exact resume with their state."""
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -144,3 +146,60 @@ def test_hierarchy_on_one_host_equals_plain_averaging(comm, shared_dir):
     assert torch.allclose(plain, hier, rtol=0, atol=1e-12)
     local_often = fit(comm, shared_dir / "l", hierarchy=(2, 4))  # on one host: averaging every 2
     assert torch.allclose(local_often, fit(comm, shared_dir / "k2", sync_every=2), rtol=0, atol=1e-12)
+
+
+class Throttled(nn.Module):
+    """A user's model whose forward sleeps: how the tests make one rank slower than the others."""
+
+    def __init__(self, inner: nn.Module, seconds: float) -> None:
+        super().__init__()
+        self.inner, self.seconds = inner, seconds
+
+    def forward(self, x):
+        time.sleep(self.seconds)
+        return self.inner(x)
+
+
+def test_time_based_weights_are_the_steps_since_the_last_sync(comm):
+    """Rank r takes r + 1 steps, then all sync: theta = sum_r (r + 1) theta_r / sum_r (r + 1)."""
+    size, rank = comm.size, comm.rank
+    cfg = load_config(None, {"sync": {"backend": "mpi", "sync_every_seconds": 3600.0}, "threads": 1})
+    strategy = make_strategy(cfg)
+    model = nn.Linear(3, 2).double()
+    values = lambda r: np.arange(8.0) * (r + 1) + r ** 2  # noqa: E731  W (6) and b (2), rank r's
+    with torch.no_grad():
+        torch.nn.utils.vector_to_parameters(torch.from_numpy(values(rank)), model.parameters())
+    strategy.attach(model, torch.optim.SGD(model.parameters(), lr=0.1), [1 / size] * size)
+    for step in range(1, rank + 2):
+        if step == rank + 1:
+            strategy._round_start = time.perf_counter() - 7200  # this rank's T seconds are over
+        assert strategy.after_step(step, model) == (step == rank + 1)
+    expected = sum((r + 1) * values(r) for r in range(size)) / sum(r + 1 for r in range(size))
+    got = torch.nn.utils.parameters_to_vector(model.parameters()).detach().numpy()
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-12)
+    assert strategy.global_steps == sum(r + 1 for r in range(size)) and strategy.syncs == 1
+
+
+def test_time_based_slow_rank_does_not_hold_the_others_back(comm, shared_dir):
+    """The last rank sleeps 4x longer per step: it takes fewer steps, the others do not wait
+    for it between syncs; the run ends at the first sync past the budget, replicas identical,
+    with logs, checkpoints and evaluations (all collectives) only where the ranks meet."""
+    size, rank = comm.size, comm.rank
+    slow = rank == size - 1
+    model = Throttled(net(rank), 0.02 if slow else 0.005)
+    cfg = load_config(None, {"sync": {"backend": "mpi", "sync_every_seconds": 0.12}, "epochs": 4,
+                             "batch_size": 8, "seed": 1, "log_every": 1, "checkpoint_every": 2,
+                             "eval_every": 2, "threads": 1, "out": str(shared_dir / "t"),
+                             "optim": {"name": "sgd", "lr": 0.05}})
+    data = Waves(128 * size)
+    summary = train(cfg, make_strategy(cfg), job=Job(model=model, train_data=data, eval_data=Waves(16 * size)))
+    copies = comm.allgather(state(model))
+    assert all(torch.equal(c, copies[0]) for c in copies)
+    steps = comm.bcast(summary["steps_by_rank"] if rank == 0 else None)
+    budget = 4 * (128 // 8) * size  # epochs x steps per epoch x ranks
+    print(f"time-based, rank {size - 1} slowed 4x: steps by rank {steps}, budget {budget}")
+    assert sum(steps) >= budget
+    assert all(steps[-1] * 2 < s for s in steps[:-1])  # fast ranks took > 2x the slow rank's steps
+    if rank == 0:
+        assert summary["samples"] == sum(steps) * 8
+        assert summary["steps"] == steps[0]
