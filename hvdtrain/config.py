@@ -147,10 +147,16 @@ class SyncConfig:
     """MPI fallback: outer optimizer momentum."""
     hierarchy: tuple[int, ...] | None = None
     """MPI fallback: K_LOCAL,K_GLOBAL: average within each host every K_LOCAL steps, across hosts every K_GLOBAL."""
+    sync_every_seconds: float = 0.0
+    """MPI fallback: time-based averaging: each rank takes local steps for T seconds, then all average with weights proportional to the samples each trained since the last sync (0 = off: every k steps)."""
     fp16: bool = False
     """Horovod: compress gradients to fp16 on the wire."""
     backward_passes_per_step: int = 1
     """Horovod: local gradient accumulation before each allreduce."""
+    elastic: bool = False
+    """Horovod elastic training under `horovodrun --gloo --min-np A --max-np B --host-discovery-script SCRIPT`: ranks may leave and join while the job runs (hvdtrain/elastic.py)."""
+    elastic_commit_every: int = 10
+    """Elastic: commit the training state (model, optimizer, counters) every N steps; a failed rank rolls every rank back to the last commit, and host changes take effect at a commit."""
 
     def __post_init__(self) -> None:
         _check_name("backend", self.backend, "--backend")
@@ -180,8 +186,22 @@ class SyncConfig:
                    f"e.g. --hierarchy 4,16")
             _check(self.alpha == 1 and self.outer_optimizer == "none",
                    "hierarchy averages fully at both levels; leave --alpha 1 and --outer-optimizer none")
+        _check(isinstance(self.sync_every_seconds, (int, float)) and math.isfinite(self.sync_every_seconds)
+               and self.sync_every_seconds >= 0,
+               f"sync_every_seconds must be a number >= 0, got {self.sync_every_seconds!r}; "
+               f"use e.g. --sync-every-seconds 2 (0: every --sync-every steps)")
+        if self.sync_every_seconds:
+            _check(self.hierarchy is None and self.warmup_allreduce_steps == 0,
+                   "sync_every_seconds replaces the step counts of --hierarchy and --warmup-allreduce-steps; "
+                   "use one of them")
         _check(isinstance(self.backward_passes_per_step, int) and self.backward_passes_per_step >= 1,
                f"backward_passes_per_step must be >= 1, got {self.backward_passes_per_step!r}; use 1")
+        _check(isinstance(self.elastic_commit_every, int) and self.elastic_commit_every >= 1,
+               f"elastic_commit_every must be an integer >= 1, got {self.elastic_commit_every!r}; "
+               f"use e.g. --elastic-commit-every 10")
+        _check(not self.elastic or self.backend == "horovod",
+               f"--elastic is Horovod elastic training but backend is {self.backend!r}; use --backend horovod "
+               f"under horovodrun --gloo, or drop --elastic")
         if self.weights is not None:
             self.weights = tuple(float(w) for w in self.weights)
             _check(all(math.isfinite(w) and w >= 0 for w in self.weights),
@@ -246,6 +266,15 @@ class TrainConfig:
         if self.loss != "auto":
             _check_name("loss", self.loss, "--loss")
         _check(self.amp in AMP_MODES, f"amp {self.amp!r} is unknown; use one of {', '.join(AMP_MODES)}")
+        if self.sync.elastic:  # elastic state lives in memory (hvdtrain/elastic.py), not in checkpoints
+            unsupported = [flag for flag, used in (
+                ("--resume", self.resume), ("--checkpoint-every", self.checkpoint_every > 0),
+                ("--eval-every", self.eval_every > 0), ("--tensorboard", self.tensorboard),
+                ("--amp fp16", self.amp == "fp16"),
+                ("--lr-schedule/--warmup-steps", self.optim.lr_schedule != "constant" or self.optim.warmup_steps > 0))
+                if used]
+            _check(not unsupported, f"--elastic does not support {', '.join(unsupported)}; drop "
+                                    f"{'it' if len(unsupported) == 1 else 'them'} or --elastic")
 
 
 SECTIONS = {"data": DataConfig, "model": ModelConfig, "optim": OptimConfig, "sync": SyncConfig}
