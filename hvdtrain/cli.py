@@ -6,6 +6,7 @@ stderr with exit code 2.
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import time
@@ -136,6 +137,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     try:
         cfg = load_config(args.config, overrides_from(args))
+        if cfg.sync.elastic:  # hvdtrain: before Horovod starts; elastic runs its own loop
+            from hvdtrain.elastic import check_launcher
+            check_launcher(os.environ)
         stop = StopFlag()
         strategy = make_strategy(cfg)
     except ConfigError as exc:
@@ -143,7 +147,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     backend = strategy.comm
     rank = backend.rank
     try:
-        summary = train(cfg, strategy, stop)
+        if cfg.sync.elastic:
+            from hvdtrain.elastic import train_elastic
+            summary = train_elastic(cfg, backend)
+        else:
+            summary = train(cfg, strategy, stop)
     except ConfigError as exc:  # raised on every rank together (train agrees on errors first)
         if rank == 0:
             sys.stderr.write(f"hvdtrain: error: {exc}\n")

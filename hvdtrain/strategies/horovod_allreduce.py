@@ -16,6 +16,7 @@ import torch
 
 import horovod.torch as hvd  # noqa: E402
 
+from hvdtrain.errors import ConfigError
 from hvdtrain.strategies.base import SyncStrategy, float_buffers, ring_bytes
 
 
@@ -26,6 +27,10 @@ class HorovodAllreduce(SyncStrategy):
 
     def attach(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                weights: list[float]) -> torch.optim.Optimizer:
+        if self.sync_cfg.elastic:  # hvdtrain: elastic runs its own loop (hvdtrain/elastic.py), from the CLI
+            raise ConfigError("elastic training runs from the command line: `horovodrun --gloo --min-np A "
+                              "--max-np B --host-discovery-script SCRIPT python -m hvdtrain train --elastic ...`; "
+                              "drop elastic=True from fit()")
         if self.optim_cfg.scale_lr:  # hvdtrain: the global batch is size x larger
             for group in optimizer.param_groups:
                 group["lr"] *= self.size

@@ -1,0 +1,246 @@
+"""Horovod elastic training (`hvdtrain train --elastic`, hvdtrain/elastic.py) on the local cluster
+(mpi_jobs/cluster_local.sh): 3 hosts, one slot each, found by mpi_jobs/discover_hosts.sh in a hosts
+file. Mid-run the test removes host 3 from the file, later puts it back; the job must shrink to 2
+ranks and grow to 3 again without a restart, account for every sample it trained, and end with
+the same model on every rank.
+
+The job's own records are the evidence: OUT/elastic.jsonl (rank 0: a `world` line at every
+(re)start with each rank's host and block rows, a `commit` line at every commit), its stdout,
+OUT/summary.json and OUT/ranks/rank-R.json (host and SHA-256 of the final state of every rank).
+
+The tests that need no cluster come first (bad input: one line, exit 2). The cluster test needs
+root; its module fixture always takes the cluster down and checks that nothing is left. The job
+runs under hvdtrain.launch.run (own session, killed with it on timeout) in a thread while the
+test edits the hosts file; HVDTRAIN_ELASTIC_STEP_SLEEP (a test-only knob) keeps the tiny job
+running long enough for both changes.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from hvdtrain import data as D
+from hvdtrain.launch import kill_session, launcher_env, run
+from support.cluster import cluster_up, procs_mentioning
+
+ROOT = Path(__file__).resolve().parent.parent
+PY = sys.executable
+HOROVODRUN = str(Path(PY).parent / "horovodrun")
+DISCOVER = ROOT / "mpi_jobs" / "discover_hosts.sh"
+HOSTS = ["198.18.0.1", "198.18.0.2", "198.18.0.3"]
+ROWS, BATCH, EPOCHS, COMMIT_EVERY = 3000, 8, 4, 5
+STEP_SLEEP = "0.02"  # seconds per step: ~500 steps (4 epochs of 125 at 3 ranks) take >= 10 s
+JOB_TIMEOUT = 150  # the launcher's limit (a hang shows as exit 124)
+WAIT = 90  # for each stage of the job (start, shrink, grow)
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: the local cluster makes network "
+                                                          "namespaces, a bridge and sshds")
+
+
+def hvdtrain(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([PY, "-m", "hvdtrain", *args], capture_output=True, text=True, timeout=timeout,
+                          env=env, cwd=ROOT)
+
+
+# --- no cluster needed --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("args, says", [
+    (["--backend", "mpi"], "backend is 'mpi'"),
+    (["--backend", "single"], "backend is 'single'"),
+    ([], "horovodrun's elastic mode"),  # plain python: no elastic launcher
+    (["--resume"], "does not support --resume"),
+    (["--checkpoint-every", "5", "--eval-every", "5"], "--checkpoint-every, --eval-every"),
+    (["--elastic-commit-every", "0"], "elastic_commit_every must be"),
+], ids=["mpi", "single", "no-launcher", "resume", "checkpoint-eval", "commit-0"])
+def test_bad_elastic_input_is_one_line_and_exit_2(args, says, tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HOROVOD_")}
+    result = hvdtrain("train", "--elastic", "--rows", "64", "--out", str(tmp_path / "out"), *args, env=env)
+    assert result.returncode == 2, result
+    assert len(result.stderr.splitlines()) == 1 and says in result.stderr, result.stderr
+    assert result.stderr.startswith("hvdtrain: error: ") and "Traceback" not in result.stderr
+
+
+def test_bad_step_sleep_is_one_line_and_exit_2(tmp_path):
+    env = dict(os.environ, HOROVOD_ELASTIC="1", HOROVOD_GLOO_RENDEZVOUS_ADDR="198.18.0.254",
+               HVDTRAIN_ELASTIC_STEP_SLEEP="soon")
+    result = hvdtrain("train", "--elastic", "--out", str(tmp_path / "out"), env=env)
+    assert result.returncode == 2 and len(result.stderr.splitlines()) == 1, result
+    assert "HVDTRAIN_ELASTIC_STEP_SLEEP='soon'" in result.stderr, result.stderr
+
+
+def test_fit_refuses_elastic(tmp_path):
+    # fit() runs the ordinary loop, which must not pretend to be elastic.
+    script = ("import torch, hvdtrain\n"
+              "try:\n"
+              "    hvdtrain.fit(torch.nn.Linear(10, 1), 'regression', backend='horovod', elastic=True, rows=64,\n"
+              f"                 out={str(tmp_path / 'out')!r})\n"
+              "except hvdtrain.ConfigError as exc:\n"
+              "    print('REFUSED', exc)\n")
+    result = subprocess.run([PY, "-c", script], capture_output=True, text=True, timeout=120, cwd=ROOT,
+                            env={k: v for k, v in os.environ.items() if not k.startswith("HOROVOD_")})
+    assert result.returncode == 0 and "REFUSED elastic training runs from the command line" in result.stdout, result
+
+
+def test_discover_hosts_prints_the_file(tmp_path):
+    hosts = tmp_path / "hosts"
+    hosts.write_text("# the elastic job's hosts\n198.18.0.1:1\n\n  198.18.0.2:2  # two slots\nnode-3\n")
+    by_arg = subprocess.run(["bash", str(DISCOVER), str(hosts)], capture_output=True, text=True, timeout=10)
+    by_env = subprocess.run(["bash", str(DISCOVER)], capture_output=True, text=True, timeout=10,
+                            env=dict(os.environ, HVDTRAIN_DISCOVERY_FILE=str(hosts)))
+    for result in (by_arg, by_env):
+        assert result.returncode == 0 and result.stdout == "198.18.0.1:1\n198.18.0.2:2\nnode-3\n", result
+    hosts.write_text("198.18.0.1:1\n198.18.0.2:x\n")
+    for args, env, says in ((["bad"], {}, "does not exist"), ([], {"HVDTRAIN_DISCOVERY_FILE": ""}, "no hosts file"),
+                            ([str(hosts)], {}, "'198.18.0.2:x'")):
+        result = subprocess.run(["bash", str(DISCOVER), *args], capture_output=True, text=True, timeout=10,
+                                env=dict(os.environ, **env))
+        assert result.returncode == 2 and result.stdout == "" and len(result.stderr.splitlines()) == 1, result
+        assert says in result.stderr, result.stderr
+
+
+# --- on a cluster of 3 hosts --------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    yield from cluster_up(3, tmp_path_factory.mktemp("cluster") / "state")
+
+
+def write_hosts(path: Path, hosts: list[str]) -> None:
+    """Atomically: the discovery script never reads half a file."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(f"{h}:1\n" for h in hosts))
+    os.replace(tmp, path)
+
+
+def records(out: Path) -> list[dict]:
+    path = out / "elastic.jsonl"
+    text = path.read_text() if path.is_file() else ""
+    return [json.loads(line) for line in text.splitlines() if line.endswith("}")]
+
+
+def kill_job_of(path: Path) -> None:
+    """SIGKILL the sessions of our launcher children whose processes name `path` (a failed test)."""
+    sessions = set()
+    for line in procs_mentioning(str(path)):
+        try:
+            sid = os.getsid(int(line.split(":")[0]))
+            if int(Path(f"/proc/{sid}/stat").read_text().rsplit(")", 1)[1].split()[1]) == os.getpid():
+                sessions.add(sid)
+        except (OSError, ValueError, IndexError):
+            pass
+    for sid in sessions:
+        kill_session(sid)
+
+
+@needs_root
+@pytest.mark.mpi
+def test_elastic_job_shrinks_to_2_and_grows_back_to_3(cluster, tmp_path):
+    hosts_file, out = tmp_path / "hosts", tmp_path / "out"
+    write_hosts(hosts_file, HOSTS)
+    env = launcher_env(dict(cluster.env, HVDTRAIN_DISCOVERY_FILE=str(hosts_file),
+                            HVDTRAIN_ELASTIC_STEP_SLEEP=STEP_SLEEP))
+    cmd = [HOROVODRUN, "--gloo", "-np", "3", "--min-np", "2", "--max-np", "3",
+           "--host-discovery-script", str(DISCOVER), "--network-interface", "hvd0",
+           PY, "-m", "hvdtrain", "train", "--backend", "horovod", "--elastic",
+           "--elastic-commit-every", str(COMMIT_EVERY), "--data", "regression", "--rows", str(ROWS),
+           "--batch-size", str(BATCH), "--epochs", str(EPOCHS), "--lr", "0.02", "--seed", "3",
+           "--threads", "1", "--out", str(out)]
+    done: dict = {}
+
+    def job() -> None:
+        done["result"] = run(cmd, timeout=JOB_TIMEOUT, env=env, cwd=ROOT)
+
+    started = time.monotonic()
+    thread = threading.Thread(target=job, daemon=True)
+    thread.start()
+    marks: dict[str, float] = {}
+    try:
+        def wait_for(what: str, ok) -> None:
+            deadline = time.monotonic() + WAIT
+            while not ok(records(out)):
+                alive = thread.is_alive()
+                if alive and time.monotonic() <= deadline:
+                    time.sleep(0.2)
+                    continue
+                if not alive and ok(records(out)):  # its last records came as it ended
+                    break
+                kill_job_of(out)
+                thread.join(30)
+                output = done["result"].stdout[-6000:] if "result" in done else "(no output)"
+                why = "ended" if not alive else f"did not get there in {WAIT} s"
+                pytest.fail(f"elastic job {why} before {what}; records {records(out)[-5:]}\n{output}")
+            marks[what] = time.monotonic() - started
+
+        def commits_at(size: int, after_world: int):  # commits in the `after_world`-th world with `size` ranks
+            def ok(recs: list[dict]) -> int:
+                worlds = [i for i, r in enumerate(recs) if r["event"] == "world"]
+                if len(worlds) <= after_world or recs[worlds[after_world]]["world_size"] != size:
+                    return 0
+                return sum(r["event"] == "commit" for r in recs[worlds[after_world]:])
+            return ok
+
+        wait_for("6 commits at 3 ranks", lambda recs: commits_at(3, 0)(recs) >= 6)
+        write_hosts(hosts_file, HOSTS[:2])  # host 3 leaves
+        wait_for("4 commits at 2 ranks", lambda recs: commits_at(2, 1)(recs) >= 4)
+        write_hosts(hosts_file, HOSTS)  # and comes back
+        wait_for("2 commits at 3 ranks again", lambda recs: commits_at(3, 2)(recs) >= 2)
+        thread.join(JOB_TIMEOUT + 30)
+        assert not thread.is_alive(), "hvdtrain.launch.run did not return"
+    finally:
+        kill_job_of(out)  # only a failed test leaves anything to kill
+    result = done["result"]
+    seconds = time.monotonic() - started
+    print(f"elastic job: {seconds:.1f} s; stages at {marks}", file=sys.stderr)
+    assert result.returncode == 0, result.stdout[-8000:]
+
+    # World sizes 3 -> 2 -> 3, from the job's stdout, its log and its summary.
+    summary = json.loads((out / "summary.json").read_text())
+    recs = records(out)
+    worlds = [r for r in recs if r["event"] == "world"]
+    assert [w["world_size"] for w in worlds] == [3, 2, 3], worlds
+    assert summary["world_sizes"] == [3, 2, 3] and summary["resets"] == 2, summary
+    assert "world size 3 -> 2" in result.stdout and "world size 2 -> 3" in result.stdout, result.stdout[-4000:]
+    assert [sorted(w["hosts"]) for w in worlds] == [["hvd-h1", "hvd-h2", "hvd-h3"], ["hvd-h1", "hvd-h2"],
+                                                   ["hvd-h1", "hvd-h2", "hvd-h3"]], worlds
+    # The leaving worker was ended by Horovod at the reset (0.28.1 aborts it in hvd.init), saying why.
+    assert "198.18.0.3[0] has been removed from elastic job" in result.stdout, result.stdout[-4000:]
+
+    # Re-partitioned at every reset: every rank read its own block of the new world, all rows covered.
+    for w in worlds:
+        assert w["block_rows"] == D.block_sizes(ROWS, w["world_size"]), w
+
+    # Samples accounted for: between two commits, steps x batch x the world size of those steps.
+    commits = [r for r in recs if r["event"] == "commit"]
+    previous = {"step": 0, "samples": 0}
+    for r in commits:
+        assert r["samples"] - previous["samples"] == (r["step"] - previous["step"]) * BATCH * r["world_size"], (previous, r)
+        previous = r
+    assert commits[-1]["step"] == summary["steps"] and commits[-1]["samples"] == summary["samples"], (commits[-1], summary)
+    segments = summary["segments"]
+    assert [s["world_size"] for s in segments] == [3, 2, 3], segments
+    assert sum(s["steps"] for s in segments) == summary["steps"], segments
+    assert sum(s["steps"] * BATCH * s["world_size"] for s in segments) == summary["samples"], segments
+    assert all(s["steps"] >= 2 * COMMIT_EVERY for s in segments), segments
+    assert summary["epochs"] == EPOCHS
+    # An epoch is ROWS samples (within one step of the world at its end): the run trained ~EPOCHS x ROWS.
+    assert abs(summary["samples"] - EPOCHS * ROWS) <= EPOCHS * 2 * 3 * BATCH, summary["samples"]
+
+    # The same model on every rank of the final world (and in rank 0's summary).
+    ranks = [json.loads(p.read_text()) for p in sorted((out / "ranks").glob("rank-*.json"))]
+    assert sorted(r["rank"] for r in ranks) == [0, 1, 2] and {r["world_size"] for r in ranks} == {3}, ranks
+    assert sorted(r["host"] for r in ranks) == ["hvd-h1", "hvd-h2", "hvd-h3"], ranks
+    assert {r["sha256"] for r in ranks} == {summary["sha256"]}, ranks
+    assert {(r["step"], r["samples"]) for r in ranks} == {(summary["steps"], summary["samples"])}, ranks
+    assert summary["final_loss"] < summary["first_loss"], summary
+
+    # No worker of the job outlives it (the one that left included).
+    deadline = time.monotonic() + 20
+    while procs_mentioning(str(out)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert procs_mentioning(str(out)) == [], procs_mentioning(str(out))
