@@ -157,10 +157,6 @@ class SyncConfig:
     """Horovod elastic training under `horovodrun --gloo --min-np A --max-np B --host-discovery-script SCRIPT`: ranks may leave and join while the job runs (hvdtrain/elastic.py)."""
     elastic_commit_every: int = 10
     """Elastic: commit the training state (model, optimizer, counters) every N steps; a failed rank rolls every rank back to the last commit, and host changes take effect at a commit."""
-    elastic: bool = False
-    """Horovod elastic training under `horovodrun --gloo --min-np A --max-np B --host-discovery-script SCRIPT`: ranks may leave and join while the job runs (hvdtrain/elastic.py)."""
-    elastic_commit_every: int = 10
-    """Elastic: commit the training state (model, optimizer, counters) every N steps; a failed rank rolls every rank back to the last commit, and host changes take effect at a commit."""
 
     def __post_init__(self) -> None:
         _check_name("backend", self.backend, "--backend")
@@ -200,12 +196,6 @@ class SyncConfig:
                    "use one of them")
         _check(isinstance(self.backward_passes_per_step, int) and self.backward_passes_per_step >= 1,
                f"backward_passes_per_step must be >= 1, got {self.backward_passes_per_step!r}; use 1")
-        _check(isinstance(self.elastic_commit_every, int) and self.elastic_commit_every >= 1,
-               f"elastic_commit_every must be an integer >= 1, got {self.elastic_commit_every!r}; "
-               f"use e.g. --elastic-commit-every 10")
-        _check(not self.elastic or self.backend == "horovod",
-               f"--elastic is Horovod elastic training but backend is {self.backend!r}; use --backend horovod "
-               f"under horovodrun --gloo, or drop --elastic")
         _check(isinstance(self.elastic_commit_every, int) and self.elastic_commit_every >= 1,
                f"elastic_commit_every must be an integer >= 1, got {self.elastic_commit_every!r}; "
                f"use e.g. --elastic-commit-every 10")
@@ -276,15 +266,6 @@ class TrainConfig:
         if self.loss != "auto":
             _check_name("loss", self.loss, "--loss")
         _check(self.amp in AMP_MODES, f"amp {self.amp!r} is unknown; use one of {', '.join(AMP_MODES)}")
-        if self.sync.elastic:  # elastic state lives in memory (hvdtrain/elastic.py), not in checkpoints
-            unsupported = [flag for flag, used in (
-                ("--resume", self.resume), ("--checkpoint-every", self.checkpoint_every > 0),
-                ("--eval-every", self.eval_every > 0), ("--tensorboard", self.tensorboard),
-                ("--amp fp16", self.amp == "fp16"),
-                ("--lr-schedule/--warmup-steps", self.optim.lr_schedule != "constant" or self.optim.warmup_steps > 0))
-                if used]
-            _check(not unsupported, f"--elastic does not support {', '.join(unsupported)}; drop "
-                                    f"{'it' if len(unsupported) == 1 else 'them'} or --elastic")
         if self.sync.elastic:  # elastic state lives in memory (hvdtrain/elastic.py), not in checkpoints
             unsupported = [flag for flag, used in (
                 ("--resume", self.resume), ("--checkpoint-every", self.checkpoint_every > 0),
