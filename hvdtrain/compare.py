@@ -18,6 +18,7 @@ from typing import Any
 from hvdtrain import data as D
 from hvdtrain import tables
 from hvdtrain.cli import check_train_args
+from hvdtrain.config import MPI_ALLREDUCES, SyncConfig
 from hvdtrain.errors import ConfigError
 from hvdtrain.plugins import is_spec
 from hvdtrain.checkpoint import atomic_write_text
@@ -85,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sync-every", default="1,4,16", help="MPI fallback k values, comma-separated")
     p.add_argument("--alpha", type=float, default=1.0)
-    p.add_argument("--mpi-allreduce", default="native", choices=["native", "ring"])
+    p.add_argument("--mpi-allreduce", default=SyncConfig().mpi_allreduce, choices=MPI_ALLREDUCES)
     p.add_argument("--timeout", type=float, default=1800, help="seconds per run")
     p.add_argument("--hosts", default=None,
                    help="run across hosts H1:slots,H2:slots (mpirun --host, horovodrun -H); default: "

@@ -24,7 +24,7 @@ from hvdtrain.plugins import is_spec, nearest
 
 PARTITIONS = ("block", "random")
 DTYPES = ("float32", "float64")
-MPI_ALLREDUCES = ("native", "ring")
+MPI_ALLREDUCES = ("auto", "native", "ring")
 LR_SCHEDULES = ("constant", "cosine")
 AMP_MODES = ("none", "bf16", "fp16")
 OUTER_OPTIMIZERS = ("none", "sgd", "nesterov")
@@ -135,8 +135,8 @@ class SyncConfig:
     """MPI fallback: mixing rate in (0, 1]; 1 = full averaging."""
     weights: tuple[float, ...] | None = None
     """MPI fallback: per-rank averaging weights (sum 1); default = block sizes / total."""
-    mpi_allreduce: str = "native"
-    """MPI fallback: `native` (MPI_Allreduce) or `ring` (hvdtrain's own ring)."""
+    mpi_allreduce: str = "auto"
+    """MPI fallback: `native` (pre-scale by w_i, then MPI_Allreduce), `ring` (hvdtrain's own ring, w_i folded into its first send), or `auto` (ring from 32 MiB of parameters, native below)."""
     warmup_allreduce_steps: int = 0
     """MPI fallback: average gradients every step (as Horovod) for the first W steps, then parameters every k."""
     outer_optimizer: str = "none"

@@ -29,6 +29,12 @@ from hvdtrain.strategies.base import SyncStrategy, float_buffers, ring_bytes
 from hvdtrain.strategies.outer import OuterOptimizer
 
 
+AUTO_RING_BYTES = 32 * 2 ** 20
+"""`auto` picks the ring from here: `hvdtrain bench allreduce --np 2` (one host, hvdtrain's MPI
+settings) measured the ring at 1.11-1.37x raw MPI_Allreduce's busbw at 64-256 MiB but 0.16-0.73x
+at 1-16 MiB (per-chunk Python), and native with its separate weighting pass at 0.55-0.73x."""
+
+
 class FlatAverager:
     """Keeps `params` as views into one flat buffer so a sync is: scale, allreduce, (mix).
 
@@ -54,6 +60,8 @@ class FlatAverager:
             p.data = self.flat[offset:offset + n].view_as(p)
             offset += n
         self.host = self.flat.numpy() if device.type == "cpu" else np.empty(total, str(dtype).removeprefix("torch."))
+        if allreduce == "auto":
+            self.allreduce = "ring" if self.host.nbytes >= AUTO_RING_BYTES else "native"
         self.prev = np.empty_like(self.host) if alpha < 1 else None
         self.nbytes = self.host.nbytes
 

@@ -129,6 +129,14 @@ def test_replicas_identical_after_every_sync(hvd, backend_name):
 
 
 @requires_mpi
+def test_auto_allreduce_picks_the_ring_for_large_buffers(comm):
+    from hvdtrain.strategies.mpi_average import AUTO_RING_BYTES, FlatAverager
+    small = FlatAverager(comm, [torch.zeros(1024)], 1.0 / comm.size, 1.0, "auto")
+    large = FlatAverager(comm, [torch.zeros(AUTO_RING_BYTES // 4)], 1.0 / comm.size, 1.0, "auto")
+    assert (small.allreduce, large.allreduce) == ("native", "ring")
+
+
+@requires_mpi
 @pytest.mark.parametrize("allreduce", ["native", "ring"])
 @pytest.mark.parametrize("alpha", [1.0, 0.5])
 def test_weighted_average_with_uneven_blocks(comm, alpha, allreduce):
