@@ -101,8 +101,10 @@ def strategies(k: int, warmup: int, hierarchy: bool, tuned: tuple[float, float] 
            ("tuned", Variant(f"k={k} +warm-up +nesterov {tuned[0]:g}/{tuned[1]:g}", mpi, periodic + warm + [
                "--outer-optimizer", "nesterov", "--outer-lr", str(tuned[0]), "--outer-momentum", str(tuned[1])]))]
     if seconds > 0:
-        out.append(("seconds", Variant(f"every {seconds:g} s", mpi, ["--backend", "mpi", "--sync-every-seconds",
-                                                                     str(seconds), "--eval-every", str(eval_syncs)])))
+        timed = ["--backend", "mpi", "--sync-every-seconds", str(seconds), "--eval-every", str(eval_syncs)]
+        out.append(("seconds", Variant(f"every {seconds:g} s", mpi, timed)))
+        out.append(("seconds_nesterov", Variant(f"every {seconds:g} s +nesterov .7/.9", mpi, timed + [
+            "--outer-optimizer", "nesterov", "--outer-lr", "0.7", "--outer-momentum", "0.9"])))
     if hierarchy:
         out.append(("hier", Variant(f"hier {max(1, k // 4)},{k}", mpi,
                                     ["--backend", "mpi", "--hierarchy", f"{max(1, k // 4)},{k}"])))
@@ -209,13 +211,19 @@ def goals(cells: list[dict[str, Any]]) -> list[str]:
             f"fastest to it {fast['strategy']} {fast['time_ratio']:.2f}x")
         lines.append(f"{w} lr {lr:g}: {gap}; {speed} (Horovod's loss moved "
                      f"{100 * (max(last) - min(last)) / last[-1]:.1f}% over its last 3 evaluations)")
-        timed, fixed = (next((c for c in mine if c["key"] == key), None) for key in ("seconds", "k"))
-        if timed is not None and fixed is not None:
+        by_key = {c["key"]: c for c in mine}
+        for timed, fixed in ((by_key.get("seconds"), by_key.get("k")),
+                             (by_key.get("seconds_nesterov"), by_key.get("nesterov"))):
+            if timed is None or fixed is None:
+                continue
             t, f = timed["time_to_target"], fixed["time_to_target"]
-            lines.append(f"{w} lr {lr:g}: {timed['strategy']} vs {fixed['strategy']}: " + (
-                f"Horovod's loss {f / t:.2f}x sooner" if t and f else
-                f"time to Horovod's loss {t if t is None else f'{t:.2f} s'} vs {f if f is None else f'{f:.2f} s'}")
-                + f"; gap {100 * (timed['gap'] or 0):+.2f}% vs {100 * (fixed['gap'] or 0):+.2f}%")
+            gaps = " vs ".join("diverged" if c["gap"] is None else f"{100 * c['gap']:+.2f}%" for c in (timed, fixed))
+            lines.append(f"{w} lr {lr:g}: {timed['strategy']} vs {fixed['strategy']}: "
+                         + (f"Horovod's loss {f / t:.2f}x sooner" if t and f else
+                            f"time to Horovod's loss {'never' if t is None else f'{t:.2f} s'} vs "
+                            f"{'never' if f is None else f'{f:.2f} s'}")
+                         + f"; the same samples in {fixed['train_seconds'] / timed['train_seconds']:.2f}x less "
+                           f"time; gap {gaps}")
     for s in dict.fromkeys(c["strategy"] for c in cells if c["key"] != "horovod"):
         mine = [c for c in cells if c["strategy"] == s and c.get("target_loss") is not None]
         near = sum(c["gap"] is not None and c["gap"] <= 0.01 for c in mine)

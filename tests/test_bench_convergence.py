@@ -184,5 +184,8 @@ def test_slowed_rank_wraps_the_workload_model_and_seconds_is_a_strategy() -> Non
             and (i == 0 or flags[i - 1] not in ("--model", "--model-args"))]
     assert list(out[4:]) == rest
     timed = dict(strategies(16, 48, hierarchy=False, seconds=0.5, eval_syncs=3))["seconds"]
+    nesterov = dict(strategies(16, 48, hierarchy=False, seconds=0.5))["seconds_nesterov"]
+    assert nesterov.flags[:6] == ["--backend", "mpi", "--sync-every-seconds", "0.5", "--eval-every", "1"]
+    assert "--outer-optimizer" in nesterov.flags
     assert timed.flags == ["--backend", "mpi", "--sync-every-seconds", "0.5", "--eval-every", "3"]
     assert "seconds" not in dict(strategies(16, 48, hierarchy=False))
