@@ -224,6 +224,10 @@ def goals(cells: list[dict[str, Any]]) -> list[str]:
                             f"{'never' if f is None else f'{f:.2f} s'}")
                          + f"; the same samples in {fixed['train_seconds'] / timed['train_seconds']:.2f}x less "
                            f"time; gap {gaps}")
+            own = fixed["evals"][-1]["eval_loss"]  # equal accuracy: the fixed-k run's own final loss
+            a, b = (time_to(c["evals"], own) if own is not None else None for c in (timed, fixed))
+            lines.append(f"{w} lr {lr:g}: {timed['strategy']} reached {fixed['strategy']}'s final held-out loss "
+                         + (f"{b / a:.2f}x sooner" if a and b else "never" if a is None else "(no time)"))
     for s in dict.fromkeys(c["strategy"] for c in cells if c["key"] != "horovod"):
         mine = [c for c in cells if c["strategy"] == s and c.get("target_loss") is not None]
         near = sum(c["gap"] is not None and c["gap"] <= 0.01 for c in mine)

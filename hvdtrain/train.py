@@ -190,6 +190,9 @@ def _train(cfg: TrainConfig, strategy: SyncStrategy, stop_requested: Callable[[]
             synced = strategy.after_step(step, model)  # hvdtrain: MPI fallback averages parameters every k
         if scheduler is not None:
             scheduler.step()
+            if (position := strategy.schedule_position(synced)) is not None:
+                scheduler.last_epoch = position - 1  # hvdtrain: time-based ranks follow the job's progress
+                scheduler.step()
         window.append((step, epoch, step_loss, strategy.comm_seconds - c, strategy.bytes_sent - b))
         tick = strategy.tick(step, synced)  # hvdtrain: where all ranks meet (every step, or at syncs)
         if tick is None:

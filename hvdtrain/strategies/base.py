@@ -67,6 +67,11 @@ class SyncStrategy(ABC):
         """Does this rank take another step? Every rank must get the same answer at a meeting point."""
         return step < total_steps
 
+    def schedule_position(self, synced: bool) -> int | None:
+        """Where the lr schedule should stand after a step, or None to just advance it by one.
+        Ranks in lockstep advance together; time-based ranks re-align at every sync."""
+        return None
+
     def tick(self, step: int, synced: bool) -> int | None:
         """The count the loop's log/checkpoint/eval intervals use after `step`, or None where the
         ranks do not meet (they must all run the loop's collectives at the same points). Ranks

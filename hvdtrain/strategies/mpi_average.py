@@ -220,6 +220,11 @@ class MPIAverage(SyncStrategy):
             return step < total_steps
         return self.global_steps < total_steps * self.size  # the same on every rank after a sync
 
+    def schedule_position(self, synced: bool) -> int | None:
+        """Time-based: at each sync every rank's lr schedule moves to the ranks' mean step count, so
+        a fast rank's schedule does not run ahead of the job's progress (nor a slow rank's lag)."""
+        return self.global_steps // self.size if self.period and synced else None
+
     def tick(self, step: int, synced: bool) -> int | None:
         if not self.period:
             return step

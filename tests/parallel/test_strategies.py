@@ -183,16 +183,23 @@ def test_time_based_weights_are_the_steps_since_the_last_sync(comm):
 def test_time_based_slow_rank_does_not_hold_the_others_back(comm, shared_dir):
     """The last rank sleeps 4x longer per step: it takes fewer steps, the others do not wait
     for it between syncs; the run ends at the first sync past the budget, replicas identical,
-    with logs, checkpoints and evaluations (all collectives) only where the ranks meet."""
+    with logs, checkpoints and evaluations (all collectives) only where the ranks meet, and the
+    lr schedule at its end on every rank."""
     size, rank = comm.size, comm.rank
     slow = rank == size - 1
     model = Throttled(net(rank), 0.02 if slow else 0.005)
     cfg = load_config(None, {"sync": {"backend": "mpi", "sync_every_seconds": 0.12}, "epochs": 4,
                              "batch_size": 8, "seed": 1, "log_every": 1, "checkpoint_every": 2,
                              "eval_every": 2, "threads": 1, "out": str(shared_dir / "t"),
-                             "optim": {"name": "sgd", "lr": 0.05}})
+                             "optim": {"name": "sgd", "lr": 0.05, "lr_schedule": "cosine"}})
     data = Waves(128 * size)
-    summary = train(cfg, make_strategy(cfg), job=Job(model=model, train_data=data, eval_data=Waves(16 * size)))
+    made = []
+    optimizer = lambda params: made.append(torch.optim.SGD(params, lr=0.05)) or made[-1]  # noqa: E731
+    summary = train(cfg, make_strategy(cfg), job=Job(model=model, train_data=data, eval_data=Waves(16 * size),
+                                                     optimizer=optimizer))
+    # The schedule follows the job's progress, not the rank's own steps: when all ranks together
+    # have trained the budget, every rank's cosine is at its end (a slow rank's own count is not).
+    assert made[0].param_groups[0]["lr"] == 0.0
     copies = comm.allgather(state(model))
     assert all(torch.equal(c, copies[0]) for c in copies)
     steps = comm.bcast(summary["steps_by_rank"] if rank == 0 else None)
