@@ -2,22 +2,24 @@
 (mpi_jobs/cluster_local.sh): 3 hosts, one slot each, found by mpi_jobs/discover_hosts.sh in a hosts
 file. Mid-run the test removes host 3 from the file, later puts it back; the job must shrink to 2
 ranks and grow to 3 again without a restart, account for every sample it trained, and end with
-the same model on every rank.
+the same model on every rank. A second job loses host 3's worker to SIGKILL, without warning: the
+others go back to the last commit and finish as 2.
 
 The job's own records are the evidence: OUT/elastic.jsonl (rank 0: a `world` line at every
 (re)start with each rank's host and block rows, a `commit` line at every commit), its stdout,
 OUT/summary.json and OUT/ranks/rank-R.json (host and SHA-256 of the final state of every rank).
 
-The tests that need no cluster come first (bad input: one line, exit 2). The cluster test needs
-root; its module fixture always takes the cluster down and checks that nothing is left. The job
+The tests that need no cluster come first (bad input: one line, exit 2). The cluster tests need
+root; their module fixture always takes the cluster down and checks that nothing is left. A job
 runs under hvdtrain.launch.run (own session, killed with it on timeout) in a thread while the
 test edits the hosts file; HVDTRAIN_ELASTIC_STEP_SLEEP (a test-only knob) keeps the tiny job
-running long enough for both changes.
+running long enough for the changes.
 """
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -28,7 +30,7 @@ import pytest
 
 from hvdtrain import data as D
 from hvdtrain.launch import kill_session, launcher_env, run
-from support.cluster import cluster_up, procs_mentioning
+from support.cluster import cluster_up, netns_pids, procs_mentioning
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
@@ -138,103 +140,103 @@ def kill_job_of(path: Path) -> None:
         kill_session(sid)
 
 
-@needs_root
-@pytest.mark.mpi
-def test_elastic_job_shrinks_to_2_and_grows_back_to_3(cluster, tmp_path):
-    hosts_file, out = tmp_path / "hosts", tmp_path / "out"
-    write_hosts(hosts_file, HOSTS)
-    env = launcher_env(dict(cluster.env, HVDTRAIN_DISCOVERY_FILE=str(hosts_file),
-                            HVDTRAIN_ELASTIC_STEP_SLEEP=STEP_SLEEP))
-    cmd = [HOROVODRUN, "--gloo", "-np", "3", "--min-np", "2", "--max-np", "3",
-           "--host-discovery-script", str(DISCOVER), "--network-interface", "hvd0",
-           PY, "-m", "hvdtrain", "train", "--backend", "horovod", "--elastic",
-           "--elastic-commit-every", str(COMMIT_EVERY), "--data", "regression", "--rows", str(ROWS),
-           "--batch-size", str(BATCH), "--epochs", str(EPOCHS), "--lr", "0.02", "--seed", "3",
-           "--threads", "1", "--out", str(out)]
-    done: dict = {}
+class Job:
+    """The elastic job of a test, started by hvdtrain.launch.run (own session, killed with it on
+    timeout) in a thread, so the test can change the hosts while it runs."""
 
-    def job() -> None:
-        done["result"] = run(cmd, timeout=JOB_TIMEOUT, env=env, cwd=ROOT)
+    def __init__(self, cluster, tmp_path: Path) -> None:
+        self.hosts_file, self.out = tmp_path / "hosts", tmp_path / "out"
+        write_hosts(self.hosts_file, HOSTS)
+        env = launcher_env(dict(cluster.env, HVDTRAIN_DISCOVERY_FILE=str(self.hosts_file),
+                                HVDTRAIN_ELASTIC_STEP_SLEEP=STEP_SLEEP))
+        cmd = [HOROVODRUN, "--gloo", "-np", "3", "--min-np", "2", "--max-np", "3",
+               "--host-discovery-script", str(DISCOVER), "--network-interface", "hvd0",
+               PY, "-m", "hvdtrain", "train", "--backend", "horovod", "--elastic",
+               "--elastic-commit-every", str(COMMIT_EVERY), "--data", "regression", "--rows", str(ROWS),
+               "--batch-size", str(BATCH), "--epochs", str(EPOCHS), "--lr", "0.02", "--seed", "3",
+               "--threads", "1", "--out", str(self.out)]
+        self.done: dict = {}
+        self.started = time.monotonic()
+        self.marks: dict[str, float] = {}
+        self.thread = threading.Thread(target=self._run, args=(cmd, env), daemon=True)
+        self.thread.start()
 
-    started = time.monotonic()
-    thread = threading.Thread(target=job, daemon=True)
-    thread.start()
-    marks: dict[str, float] = {}
-    try:
-        def wait_for(what: str, ok) -> None:
-            deadline = time.monotonic() + WAIT
-            while not ok(records(out)):
-                alive = thread.is_alive()
-                if alive and time.monotonic() <= deadline:
-                    time.sleep(0.2)
-                    continue
-                if not alive and ok(records(out)):  # its last records came as it ended
-                    break
-                kill_job_of(out)
-                thread.join(30)
-                output = done["result"].stdout[-6000:] if "result" in done else "(no output)"
-                why = "ended" if not alive else f"did not get there in {WAIT} s"
-                pytest.fail(f"elastic job {why} before {what}; records {records(out)[-5:]}\n{output}")
-            marks[what] = time.monotonic() - started
+    def _run(self, cmd: list[str], env: dict[str, str]) -> None:
+        self.done["result"] = run(cmd, timeout=JOB_TIMEOUT, env=env, cwd=ROOT)
 
-        def commits_at(size: int, after_world: int):  # commits in the `after_world`-th world with `size` ranks
-            def ok(recs: list[dict]) -> int:
-                worlds = [i for i, r in enumerate(recs) if r["event"] == "world"]
-                if len(worlds) <= after_world or recs[worlds[after_world]]["world_size"] != size:
-                    return 0
-                return sum(r["event"] == "commit" for r in recs[worlds[after_world]:])
-            return ok
+    def wait_for(self, what: str, ok) -> None:
+        """Until ok(records) holds; fail (with the job's output) if the job ends first or WAIT passes."""
+        deadline = time.monotonic() + WAIT
+        while not ok(records(self.out)):
+            alive = self.thread.is_alive()
+            if alive and time.monotonic() <= deadline:
+                time.sleep(0.2)
+                continue
+            if not alive and ok(records(self.out)):  # its last records came as it ended
+                break
+            kill_job_of(self.out)
+            self.thread.join(30)
+            output = self.done["result"].stdout[-6000:] if "result" in self.done else "(no output)"
+            why = "ended" if not alive else f"did not get there in {WAIT} s"
+            pytest.fail(f"elastic job {why} before {what}; records {records(self.out)[-5:]}\n{output}")
+        self.marks[what] = round(time.monotonic() - self.started, 1)
 
-        wait_for("6 commits at 3 ranks", lambda recs: commits_at(3, 0)(recs) >= 6)
-        write_hosts(hosts_file, HOSTS[:2])  # host 3 leaves
-        wait_for("4 commits at 2 ranks", lambda recs: commits_at(2, 1)(recs) >= 4)
-        write_hosts(hosts_file, HOSTS)  # and comes back
-        wait_for("2 commits at 3 ranks again", lambda recs: commits_at(3, 2)(recs) >= 2)
-        thread.join(JOB_TIMEOUT + 30)
-        assert not thread.is_alive(), "hvdtrain.launch.run did not return"
-    finally:
-        kill_job_of(out)  # only a failed test leaves anything to kill
-    result = done["result"]
-    seconds = time.monotonic() - started
-    print(f"elastic job: {seconds:.1f} s; stages at {marks}", file=sys.stderr)
-    assert result.returncode == 0, result.stdout[-8000:]
+    def result(self) -> subprocess.CompletedProcess:
+        self.thread.join(JOB_TIMEOUT + 30)
+        assert not self.thread.is_alive(), "hvdtrain.launch.run did not return"
+        result = self.done["result"]
+        print(f"elastic job: {time.monotonic() - self.started:.1f} s; stages at {self.marks}", file=sys.stderr)
+        assert result.returncode == 0, result.stdout[-8000:]
+        return result
 
-    # World sizes 3 -> 2 -> 3, from the job's stdout, its log and its summary.
+
+def commits_in_world(index: int, size: int):
+    """ok(records): the number of commits in the index-th world, if that world has `size` ranks."""
+    def ok(recs: list[dict]) -> int:
+        worlds = [i for i, r in enumerate(recs) if r["event"] == "world"]
+        if len(worlds) <= index or recs[worlds[index]]["world_size"] != size:
+            return 0
+        return sum(r["event"] == "commit" for r in recs[worlds[index]:])
+    return ok
+
+
+def check_run(out: Path, sizes: list[int]) -> tuple[dict, list[dict]]:
+    """What every elastic run must show: its worlds, each re-partitioned; every sample accounted for;
+    the same model on every rank of the final world. Returns the summary and the world records."""
     summary = json.loads((out / "summary.json").read_text())
     recs = records(out)
     worlds = [r for r in recs if r["event"] == "world"]
-    assert [w["world_size"] for w in worlds] == [3, 2, 3], worlds
-    assert summary["world_sizes"] == [3, 2, 3] and summary["resets"] == 2, summary
-    assert "world size 3 -> 2" in result.stdout and "world size 2 -> 3" in result.stdout, result.stdout[-4000:]
-    assert [sorted(w["hosts"]) for w in worlds] == [["hvd-h1", "hvd-h2", "hvd-h3"], ["hvd-h1", "hvd-h2"],
-                                                   ["hvd-h1", "hvd-h2", "hvd-h3"]], worlds
-    # The leaving worker was ended by Horovod at the reset (0.28.1 aborts it in hvd.init), saying why.
-    assert "198.18.0.3[0] has been removed from elastic job" in result.stdout, result.stdout[-4000:]
+    assert [w["world_size"] for w in worlds] == sizes, worlds
+    assert summary["world_sizes"] == sizes and summary["resets"] == len(sizes) - 1, summary
 
     # Re-partitioned at every reset: every rank read its own block of the new world, all rows covered.
     for w in worlds:
         assert w["block_rows"] == D.block_sizes(ROWS, w["world_size"]), w
 
-    # Samples accounted for: between two commits, steps x batch x the world size of those steps.
+    # Samples accounted for: between two commits, steps x batch x the world size of those steps;
+    # every world starts at a committed step (a reset goes back to the last commit).
     commits = [r for r in recs if r["event"] == "commit"]
     previous = {"step": 0, "samples": 0}
     for r in commits:
         assert r["samples"] - previous["samples"] == (r["step"] - previous["step"]) * BATCH * r["world_size"], (previous, r)
         previous = r
+    assert {w["step"] for w in worlds[1:]} <= {c["step"] for c in commits}, (worlds, commits)
     assert commits[-1]["step"] == summary["steps"] and commits[-1]["samples"] == summary["samples"], (commits[-1], summary)
     segments = summary["segments"]
-    assert [s["world_size"] for s in segments] == [3, 2, 3], segments
+    assert [s["world_size"] for s in segments] == sizes, segments
+    assert [s["start_step"] for s in segments] == [w["step"] for w in worlds], (segments, worlds)
     assert sum(s["steps"] for s in segments) == summary["steps"], segments
     assert sum(s["steps"] * BATCH * s["world_size"] for s in segments) == summary["samples"], segments
     assert all(s["steps"] >= 2 * COMMIT_EVERY for s in segments), segments
     assert summary["epochs"] == EPOCHS
-    # An epoch is ROWS samples (within one step of the world at its end): the run trained ~EPOCHS x ROWS.
+    # An epoch is ROWS samples (within a step or two of the world at its end): ~EPOCHS x ROWS in all.
     assert abs(summary["samples"] - EPOCHS * ROWS) <= EPOCHS * 2 * 3 * BATCH, summary["samples"]
 
     # The same model on every rank of the final world (and in rank 0's summary).
     ranks = [json.loads(p.read_text()) for p in sorted((out / "ranks").glob("rank-*.json"))]
-    assert sorted(r["rank"] for r in ranks) == [0, 1, 2] and {r["world_size"] for r in ranks} == {3}, ranks
-    assert sorted(r["host"] for r in ranks) == ["hvd-h1", "hvd-h2", "hvd-h3"], ranks
+    n = sizes[-1]
+    assert sorted(r["rank"] for r in ranks) == list(range(n)) and {r["world_size"] for r in ranks} == {n}, ranks
+    assert sorted(r["host"] for r in ranks) == sorted(worlds[-1]["hosts"]), (ranks, worlds[-1])
     assert {r["sha256"] for r in ranks} == {summary["sha256"]}, ranks
     assert {(r["step"], r["samples"]) for r in ranks} == {(summary["steps"], summary["samples"])}, ranks
     assert summary["final_loss"] < summary["first_loss"], summary
@@ -244,3 +246,53 @@ def test_elastic_job_shrinks_to_2_and_grows_back_to_3(cluster, tmp_path):
     while procs_mentioning(str(out)) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert procs_mentioning(str(out)) == [], procs_mentioning(str(out))
+    return summary, worlds
+
+
+@needs_root
+@pytest.mark.mpi
+def test_elastic_job_shrinks_to_2_and_grows_back_to_3(cluster, tmp_path):
+    job = Job(cluster, tmp_path)
+    try:
+        job.wait_for("6 commits at 3 ranks", lambda recs: commits_in_world(0, 3)(recs) >= 6)
+        write_hosts(job.hosts_file, HOSTS[:2])  # host 3 leaves
+        job.wait_for("4 commits at 2 ranks", lambda recs: commits_in_world(1, 2)(recs) >= 4)
+        write_hosts(job.hosts_file, HOSTS)  # and comes back
+        job.wait_for("2 commits at 3 ranks again", lambda recs: commits_in_world(2, 3)(recs) >= 2)
+        result = job.result()
+    finally:
+        kill_job_of(job.out)  # only a failed test leaves anything to kill
+    summary, worlds = check_run(job.out, [3, 2, 3])
+    assert "world size 3 -> 2" in result.stdout and "world size 2 -> 3" in result.stdout, result.stdout[-4000:]
+    assert [sorted(w["hosts"]) for w in worlds] == [["hvd-h1", "hvd-h2", "hvd-h3"], ["hvd-h1", "hvd-h2"],
+                                                   ["hvd-h1", "hvd-h2", "hvd-h3"]], worlds
+    # The leaving worker was ended by Horovod at the reset (0.28.1 aborts it in hvd.init), saying why.
+    assert "198.18.0.3[0] has been removed from elastic job" in result.stdout, result.stdout[-4000:]
+
+
+@needs_root
+@pytest.mark.mpi
+def test_elastic_job_goes_on_without_a_killed_worker(cluster, tmp_path):
+    # No warning this time: host 3's worker is SIGKILLed mid-run. The others fail in a collective,
+    # go back to the last commit and go on as 2 (Horovod blacklists the host; it stays in the file).
+    job = Job(cluster, tmp_path)
+    try:
+        job.wait_for("8 commits at 3 ranks", lambda recs: commits_in_world(0, 3)(recs) >= 8)
+        victims = [pid for pid in netns_pids("hvd-h3") if b"hvdtrain" in _cmdline(pid)]
+        assert victims, "no hvdtrain worker on hvd-h3"
+        for pid in victims:
+            os.kill(pid, signal.SIGKILL)
+        job.wait_for("4 commits at 2 ranks", lambda recs: commits_in_world(1, 2)(recs) >= 4)
+        result = job.result()
+    finally:
+        kill_job_of(job.out)
+    summary, worlds = check_run(job.out, [3, 2])
+    assert sorted(worlds[1]["hosts"]) == ["hvd-h1", "hvd-h2"], worlds
+    assert "world size 3 -> 2" in result.stdout, result.stdout[-4000:]
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
