@@ -63,7 +63,8 @@ def check_launcher(env: Mapping[str, str]) -> float:
     if env.get("HOROVOD_ELASTIC") != "1" or not env.get("HOROVOD_GLOO_RENDEZVOUS_ADDR"):
         raise ConfigError("--elastic needs horovodrun's elastic mode, which did not start this process; launch "
                           "`horovodrun --gloo -np N --min-np A --max-np B --host-discovery-script SCRIPT python -m "
-                          "hvdtrain train --backend horovod --elastic ...` (mpi_jobs/discover_hosts.sh), or drop --elastic")
+                          "hvdtrain train --backend horovod --elastic ...` (mpi_jobs/discover_hosts.sh), or drop "
+                          "--elastic")
     text = env.get(STEP_SLEEP_VAR, "0")
     try:
         sleep = float(text)

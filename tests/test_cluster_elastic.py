@@ -218,10 +218,12 @@ def check_run(out: Path, sizes: list[int]) -> tuple[dict, list[dict]]:
     commits = [r for r in recs if r["event"] == "commit"]
     previous = {"step": 0, "samples": 0}
     for r in commits:
-        assert r["samples"] - previous["samples"] == (r["step"] - previous["step"]) * BATCH * r["world_size"], (previous, r)
+        trained = (r["step"] - previous["step"]) * BATCH * r["world_size"]
+        assert r["samples"] - previous["samples"] == trained, (previous, r)
         previous = r
     assert {w["step"] for w in worlds[1:]} <= {c["step"] for c in commits}, (worlds, commits)
-    assert commits[-1]["step"] == summary["steps"] and commits[-1]["samples"] == summary["samples"], (commits[-1], summary)
+    last = commits[-1]
+    assert (last["step"], last["samples"]) == (summary["steps"], summary["samples"]), (last, summary)
     segments = summary["segments"]
     assert [s["world_size"] for s in segments] == sizes, segments
     assert [s["start_step"] for s in segments] == [w["step"] for w in worlds], (segments, worlds)
