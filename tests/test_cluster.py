@@ -228,3 +228,28 @@ def torch_load(path: Path) -> dict:
     state = torch.load(path, weights_only=True)
     assert isinstance(state, dict) and state and all(isinstance(v, torch.Tensor) for v in state.values()), path
     return {k: v.double() for k, v in state.items()}
+
+
+def test_hierarchy_across_hosts_keeps_the_weights(cluster, tmp_path):
+    """2 hosts x 2 ranks, unequal blocks: hierarchy K,K (host average, leaders, broadcast) gives
+    exactly the global weighted average every K; with K_LOCAL < K_GLOBAL the host groups average
+    among themselves in between, which neither plain k matches."""
+    if cluster.n != 2:
+        pytest.skip("2 hosts x 2 ranks; the 3-host cluster runs the other tests")
+    hosts = ",".join(f"{h.rsplit(':', 1)[0]}:2" for h in cluster.env["HOSTS"].split(","))
+    train = [*train_args(4)[:4], "2002", *train_args(4)[5:]]  # 2002 rows on 4 ranks: unequal weights
+    assert train[train.index("--rows") + 1] == "2002"
+    models = {}
+    for label, flags in {"k4": ["--sync-every", "4"], "k2": ["--sync-every", "2"],
+                         "hier4,4": ["--hierarchy", "4,4"], "hier2,4": ["--hierarchy", "2,4"]}.items():
+        out = tmp_path / label.replace(",", "-")
+        cmd = ["mpirun", "-np", "4", "-H", hosts, PY, "-m", "mpi4py", "-m", "hvdtrain", *train,
+               "--backend", "mpi", *flags, "--out", str(out)]
+        result = cluster.job(cmd, timeout=240)
+        assert result.returncode == 0, f"{label}:\n{result.stdout[-4000:]}"
+        models[label] = torch_load(out / "model.pt")
+    same, apart = max_rel_err(models["hier4,4"], models["k4"]), max_rel_err(models["hier2,4"], models["k4"])
+    print(f"hierarchy across 2 hosts: 4,4 vs k=4 {same:.2e}; 2,4 vs k=4 {apart:.2e}, "
+          f"vs k=2 {max_rel_err(models['hier2,4'], models['k2']):.2e}", file=sys.stderr)
+    assert same <= 1e-9
+    assert apart > 1e-6 and max_rel_err(models["hier2,4"], models["k2"]) > 1e-6
