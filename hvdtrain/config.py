@@ -136,7 +136,7 @@ class SyncConfig:
     weights: tuple[float, ...] | None = None
     """MPI fallback: per-rank averaging weights (sum 1); default = block sizes / total."""
     mpi_allreduce: str = "auto"
-    """MPI fallback: `native` (pre-scale by w_i, then MPI_Allreduce), `ring` (hvdtrain's own ring, w_i folded into its first send), or `auto` (ring from 32 MiB of parameters, native below)."""
+    """MPI fallback: `native` (pre-scale by w_i, then MPI_Allreduce), `ring` (hvdtrain's own ring, w_i folded into its first send), or `auto` (ring from 32 MiB of parameters when all ranks share one host, native otherwise)."""
     warmup_allreduce_steps: int = 0
     """MPI fallback: average gradients every step (as Horovod) for the first W steps, then parameters every k."""
     outer_optimizer: str = "none"

@@ -49,6 +49,25 @@ cmd="$1"; shift
 # The hosts that exist now, from the namespaces (not the state folder, which may be gone).
 hosts() { ip netns list 2>/dev/null | awk '{print $1}' | grep -E '^hvd-h[0-9]+$' | sort -V || true; }
 in_ns() { ip netns exec "$1" "${@:2}"; }
+
+# The CPUs host K of N gets: its share of this machine's allowed CPUs (N <= CPUs: a contiguous
+# block each; more hosts than CPUs: one CPU each, round robin). Hosts share this machine's cores;
+# pinning each host's sshd (so everything launched on the host) to its share keeps hvdtrain's
+# threads = cores // ranks-per-host from oversubscribing the real cores. HVDTRAIN_CLUSTER_CPUS=all
+# leaves every host all CPUs.
+host_cpus() {
+  local k=$1 n=$2 part cpus=()
+  for part in $(sed -n 's/^Cpus_allowed_list:[[:space:]]*//p' /proc/self/status | tr ',' ' '); do
+    if [[ "$part" == *-* ]]; then cpus+=($(seq "${part%-*}" "${part#*-}")); else cpus+=("$part"); fi
+  done
+  local c=${#cpus[@]}
+  if [ "$n" -le "$c" ]; then
+    local lo=$(( (k - 1) * c / n )) hi=$(( k * c / n - 1 ))
+    echo "${cpus[*]:$lo:$((hi - lo + 1))}" | tr ' ' ','
+  else
+    echo "${cpus[$(( (k - 1) % c ))]}"
+  fi
+}
 sshd_pid() { local p; p="$(cat "$STATE/sshd-$1.pid" 2>/dev/null || true)"; [ -n "$p" ] && kill -0 "$p" 2>/dev/null && echo "$p"; }
 
 up() {
@@ -139,8 +158,10 @@ MaxSessions 64
 SetEnv PATH=$VENV/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 AcceptEnv HVDTRAIN_* OMP_NUM_THREADS THP_MEM_ALLOC_ENABLE
 EOF
+    local pin=""
+    [ "${HVDTRAIN_CLUSTER_CPUS:-}" = all ] || pin="taskset -c $(host_cpus "$k" "$n")"
     in_ns "$ns" unshare --uts --mount --propagation private sh -c \
-      "mount --bind '$STATE/hosts' /etc/hosts && hostname '$ns' && exec /usr/sbin/sshd -f '$STATE/sshd-$ns.conf'"
+      "mount --bind '$STATE/hosts' /etc/hosts && hostname '$ns' && exec $pin /usr/sbin/sshd -f '$STATE/sshd-$ns.conf'"
     echo "$NET.$k slots=1" >>"$STATE/hostfile"
     hosts_list+="${hosts_list:+,}$NET.$k:1"
   done

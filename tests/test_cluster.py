@@ -162,6 +162,23 @@ def test_ranks_run_on_different_hosts_and_traffic_crosses_their_links(cluster):
     assert sent >= 0.9 * ring_bytes, f"hosts' links carried {sent / MIB:.1f} MiB, ring model {ring_bytes / MIB:.1f} MiB"
 
 
+def test_each_host_gets_its_share_of_the_cores(cluster):
+    """Hosts share this machine's CPUs: each host's processes are pinned to its share, so a rank's
+    default threads (cores // ranks on the host) do not oversubscribe the real cores."""
+    allowed = sorted(os.sched_getaffinity(0))
+    probe = "import os; print('CPUS', os.environ['OMPI_COMM_WORLD_RANK'], sorted(os.sched_getaffinity(0)), flush=True)"
+    n = cluster.n
+    result = cluster.job(["mpirun", "-np", str(n), "--host", cluster.env["HOSTS"], "--bind-to", "none",
+                          PY, "-c", probe], timeout=60)
+    assert result.returncode == 0, result.stdout[-3000:]
+    got = {int(r): json.loads(cpus) for r, cpus in re.findall(r"^CPUS (\d+) (\[.*\])$", result.stdout, re.M)}
+    if n <= len(allowed):  # contiguous equal shares, together all the allowed CPUs
+        expected = {k: allowed[k * len(allowed) // n:(k + 1) * len(allowed) // n] for k in range(n)}
+    else:  # one CPU each, round robin
+        expected = {k: [allowed[k % len(allowed)]] for k in range(n)}
+    assert got == expected, (got, expected)
+
+
 def test_shaping_limits_the_rate(cluster):
     payload, rate_bits = 16 * MIB, 100e6
     shaped = cluster_script("shape", "--rate", "100mbit", "--delay", "0.5ms", state=cluster.state)

@@ -30,9 +30,11 @@ from hvdtrain.strategies.outer import OuterOptimizer
 
 
 AUTO_RING_BYTES = 32 * 2 ** 20
-"""`auto` picks the ring from here: `hvdtrain bench allreduce --np 2` (one host, hvdtrain's MPI
-settings) measured the ring at 1.11-1.37x raw MPI_Allreduce's busbw at 64-256 MiB but 0.16-0.73x
-at 1-16 MiB (per-chunk Python), and native with its separate weighting pass at 0.55-0.73x."""
+"""`auto` picks the ring from here, when all ranks share one host: `hvdtrain bench allreduce --np 2`
+(one host, hvdtrain's MPI settings) measured the ring at 1.11-1.37x raw MPI_Allreduce's busbw at
+64-256 MiB but 0.16-0.73x at 1-16 MiB (per-chunk Python), and native with its separate weighting
+pass at 0.55-0.73x. Across 2 hosts at 1 Gbit/s the ring was 0.55x raw at 64 MiB (native 1.00x),
+so across hosts `auto` stays native."""
 
 
 class FlatAverager:
@@ -60,8 +62,11 @@ class FlatAverager:
             p.data = self.flat[offset:offset + n].view_as(p)
             offset += n
         self.host = self.flat.numpy() if device.type == "cpu" else np.empty(total, str(dtype).removeprefix("torch."))
-        if allreduce == "auto":
-            self.allreduce = "ring" if self.host.nbytes >= AUTO_RING_BYTES else "native"
+        if allreduce == "auto":  # collective: every rank builds its averager in attach
+            shared = comm.Split_type(MPI.COMM_TYPE_SHARED)
+            one_host = comm.allreduce(int(shared.Get_size() == comm.Get_size()), op=MPI.MIN) == 1
+            shared.Free()
+            self.allreduce = "ring" if one_host and self.host.nbytes >= AUTO_RING_BYTES else "native"
         self.prev = np.empty_like(self.host) if alpha < 1 else None
         self.nbytes = self.host.nbytes
 
