@@ -29,8 +29,8 @@ from pathlib import Path
 import pytest
 
 from hvdtrain import data as D
-from hvdtrain.launch import kill_session, launcher_env, run
-from support.cluster import cluster_up, netns_pids, procs_mentioning
+from hvdtrain.launch import launcher_env, run
+from support.cluster import cluster_up, kill_job_of, netns_pids, procs_mentioning
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
@@ -124,20 +124,6 @@ def records(out: Path) -> list[dict]:
     path = out / "elastic.jsonl"
     text = path.read_text() if path.is_file() else ""
     return [json.loads(line) for line in text.splitlines() if line.endswith("}")]
-
-
-def kill_job_of(path: Path) -> None:
-    """SIGKILL the sessions of our launcher children whose processes name `path` (a failed test)."""
-    sessions = set()
-    for line in procs_mentioning(str(path)):
-        try:
-            sid = os.getsid(int(line.split(":")[0]))
-            if int(Path(f"/proc/{sid}/stat").read_text().rsplit(")", 1)[1].split()[1]) == os.getpid():
-                sessions.add(sid)
-        except (OSError, ValueError, IndexError):
-            pass
-    for sid in sessions:
-        kill_session(sid)
 
 
 class Job:

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from hvdtrain.launch import TIMEOUT_EXIT, kill_session, launcher_env, run
-from support.cluster import cluster_script, netns, netns_pids, procs_mentioning
+from hvdtrain.launch import TIMEOUT_EXIT, launcher_env, run
+from support.cluster import cluster_script, kill_job_of, netns, netns_pids, procs_mentioning
 
 if os.geteuid() != 0:
     pytest.skip("needs root: the local cluster makes network namespaces, a bridge and sshds",
@@ -88,22 +88,6 @@ def last_step(out: Path) -> int:
     steps are fast here (hundreds a second), so a given one may come and go between two looks."""
     steps = [int(p.name[5:13]) for p in (out / "checkpoints").glob("ckpt-*.pt")]
     return max(steps, default=0)
-
-
-def kill_job_of(path: Path) -> None:
-    """SIGKILL every process in the session of this test's launcher (a child of ours that run()
-    made a session leader) that names `path`. Its process group is not enough: mpirun puts each
-    of its ssh children in a process group of its own. The leader itself may be a zombie by then."""
-    sessions = set()
-    for line in procs_mentioning(str(path)):
-        try:
-            sid = os.getsid(int(line.split(":")[0]))
-            if int(Path(f"/proc/{sid}/stat").read_text().rsplit(")", 1)[1].split()[1]) == os.getpid():
-                sessions.add(sid)
-        except (OSError, ValueError, IndexError):
-            pass
-    for sid in sessions:
-        kill_session(sid)
 
 
 def run_with_fault(cluster: dict, launcher: str, out: Path, fault) -> tuple[subprocess.CompletedProcess, float]:

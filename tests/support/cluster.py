@@ -8,7 +8,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from hvdtrain.launch import launcher_env, run
+from hvdtrain.launch import kill_session, launcher_env, run
 
 ROOT = Path(__file__).resolve().parents[2]
 CLUSTER = ROOT / "mpi_jobs" / "cluster_local.sh"
@@ -112,3 +112,19 @@ def cluster_up(n: int, state: Path):
         down = cluster_script("down", state=state)
         assert down.returncode == 0, down.stderr
         assert_nothing_left(state, kh_before)
+
+
+def kill_job_of(path: Path) -> None:
+    """SIGKILL every process in the session of this test's launcher (a child of ours that run()
+    made a session leader) that names `path`. Its process group is not enough: mpirun puts each
+    of its ssh children in a process group of its own. The leader itself may be a zombie by then."""
+    sessions = set()
+    for line in procs_mentioning(str(path)):
+        try:
+            sid = os.getsid(int(line.split(":")[0]))
+            if int(Path(f"/proc/{sid}/stat").read_text().rsplit(")", 1)[1].split()[1]) == os.getpid():
+                sessions.add(sid)
+        except (OSError, ValueError, IndexError):
+            pass
+    for sid in sessions:
+        kill_session(sid)
