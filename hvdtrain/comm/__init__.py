@@ -19,7 +19,7 @@ _started: dict[str, Comm] = {}
 
 def env_defaults(collective_timeout: float) -> None:
     """hvdtrain's MPI/Horovod settings, before MPI starts (the user's exported values win)."""
-    from hvdtrain.comm.allreduce_impls import horovod_env_defaults
+    from hvdtrain.comm.env import horovod_env_defaults
     defaults = horovod_env_defaults()
     if collective_timeout > 0:  # Horovod's own stall check ends a stalled job too
         defaults["HOROVOD_STALL_CHECK_TIME_SECONDS"] = str(max(1, int(min(60, collective_timeout / 2))))
