@@ -97,21 +97,21 @@ class MetricsLog:
         self.stream.write(("\r" + line + ("\n" if done else "")) if tty else line + "\n")
         self.stream.flush()
 
-    def summary(self, data: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
-        atomic_write_text(json.dumps(data, indent=2) + "\n", self.path.parent / "summary.json")
-        if self._tb is not None:
-            self._tb.close()  # the summary is the run's last record
-            self._tb = None
-
     def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
         if self._file:
             self._file.close()
             self._file = None
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+
+
+def write_summary(out: str | Path, data: dict[str, Any]) -> None:
+    """OUT/summary.json (rank 0): the run's last record."""
+    atomic_write_text(json.dumps(data, indent=2) + "\n", Path(out) / "summary.json")
 
 
 def tensorboard_error() -> str | None:

@@ -1,5 +1,12 @@
-"""The one training loop. It talks to a SyncStrategy and its Comm only; lines that differ from a
-single-process loop are marked `# hvdtrain:`."""
+"""The one training loop, for every strategy (Horovod elastic included). It talks to a SyncStrategy
+and its Comm only, and reads no strategy setting; lines that differ from a single-process loop are
+marked `# hvdtrain:`.
+
+Shape: local set-up (data block, model, loss, optimizer, the start-up probe), `strategy.attach`,
+then `strategy.run(body)`: the body agrees on the start, broadcasts rank 0's state, trains, and
+ends with one last sync, evaluation and checkpoint. It runs once, or once per world under Horovod
+elastic (a reset re-partitions the data and resumes from the last commit).
+"""
 from __future__ import annotations
 
 import contextlib
@@ -16,7 +23,7 @@ from hvdtrain.comm.base import Comm, default_threads
 from hvdtrain.config import TrainConfig, to_dict
 from hvdtrain.errors import ConfigError
 from hvdtrain.guard import Watchdog, check_agreement
-from hvdtrain.metrics import MetricsLog, tensorboard_error
+from hvdtrain.metrics import MetricsLog, tensorboard_error, write_summary
 from hvdtrain.plugins import describe_error
 from hvdtrain.registry import Job, build_loss, build_model, build_optimizer, build_scheduler
 from hvdtrain.sources import RankData, open_data
@@ -37,13 +44,18 @@ class NumericalError(Exception):
 
 
 @contextlib.contextmanager
-def agreed(comm: Comm) -> Iterator[None]:
-    """A ConfigError on any rank inside the block is raised on every rank (none is left waiting)."""
+def agreed(comm: Comm, enabled: bool = True) -> Iterator[None]:
+    """A ConfigError on any rank inside the block is raised on every rank (none is left waiting).
+    Disabled where the strategy allows no collective yet (Horovod elastic's set-up): raised here only."""
     error = None
     try:
         yield
     except ConfigError as exc:
+        if not enabled:
+            raise
         error = str(exc)
+    if not enabled:
+        return
     errors = comm.allgather_object(error)
     first = next((e for e in errors if e), None)
     if first:
@@ -122,65 +134,129 @@ def _train(cfg: TrainConfig, strategy: SyncStrategy, stop_requested: Callable[[]
            job: Job) -> dict[str, Any] | None:
     wall_start = time.perf_counter()
     comm = strategy.comm
-    rank, size, device = comm.rank, comm.size, strategy.device
+    device = strategy.device
+    cfg = strategy.prepare(cfg)
     threads = cfg.threads or default_threads(comm.local_size)
     torch.set_num_threads(threads)  # hvdtrain: ranks on one host share its cores
     torch.manual_seed(cfg.seed)
-    with agreed(comm):
-        if rank == 0:
+    together = strategy.collectives_before_run  # False under Horovod elastic: set-up is local
+    with agreed(comm, together):
+        if comm.rank == 0 or not together:
             _check_out(cfg)
             if cfg.tensorboard and (why := tensorboard_error()):
                 raise ConfigError(why)
     out = Path(cfg.out)
-    dog = Watchdog(cfg.collective_timeout, rank, comm.abort)
     if cfg.amp == "fp16" and device.type != "cuda":
         raise ConfigError("amp fp16 needs a GPU (GradScaler); use --amp bf16 on CPU")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16 if cfg.amp == "bf16" else torch.float16,
                               enabled=cfg.amp != "none")
+    micro = strategy.micro_steps  # hvdtrain: backward passes per step (Horovod's local accumulation)
+    per_step = cfg.batch_size * micro
 
-    with agreed(comm):  # hvdtrain: an error on any rank stops every rank with the same message
+    with agreed(comm, together):  # hvdtrain: an error on any rank stops every rank with the same message
         data = open_data(cfg, job, comm, device)  # this rank's block only
-        micro = cfg.sync.backward_passes_per_step
-        per_step = cfg.batch_size * micro
         steps_epoch = D.steps_per_epoch(data.sizes, per_step)
-        total_steps = steps_epoch * cfg.epochs
         model = build_model(cfg.model, job, data.shape).to(device)
-        data.cast(next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32))
+        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+        data.cast(dtype)
         loss_fn = build_loss(cfg.loss, job, data.shape.task)
         optimizer = build_optimizer(cfg.optim, job, model)
         _probe(model, loss_fn, data, cfg, _model_name(cfg, job), autocast)
-    weights = D.averaging_weights(data.sizes, cfg.sync.weights)
-    optimizer = strategy.attach(model, optimizer, weights)
+    optimizer = strategy.attach(model, optimizer, data.sizes)
     forward = strategy.wrap(model)  # hvdtrain: DDP's wrapper; the model itself for the others
-    with agreed(comm):
-        scheduler = build_scheduler(cfg.optim, job, optimizer, total_steps)
+    with agreed(comm, together):
+        scheduler = build_scheduler(cfg.optim, job, optimizer, steps_epoch * cfg.epochs)
     scaler = torch.amp.GradScaler("cuda") if cfg.amp == "fp16" else None
     extras = {"scheduler": scheduler, "scaler": scaler, "strategy": strategy}
-    layout = {"steps_per_epoch": steps_epoch, "weights": weights}
-    check_agreement(comm.allgather_object(  # hvdtrain: same config, model and data everywhere
-        _startup_record(cfg, model, data)))
-    step, per_rank = restore_run(out, comm, strategy, model, optimizer, extras, steps_epoch) if cfg.resume else (0, False)
-    if not per_rank:
-        with dog.guard("the start-up broadcast"):
-            strategy.broadcast_state(model, optimizer)  # hvdtrain: every rank starts from rank 0's state
-
-    log = MetricsLog(out, rank == 0, total_steps, resume_step=step, tensorboard=cfg.tensorboard)
-    window: list[tuple[int, int, torch.Tensor, float, int]] = []  # (step, epoch, loss, comm s, bytes)
     losses: list[float] = []
-    comm0, bytes0 = strategy.comm_seconds, strategy.bytes_sent
+    opened = {"data": data, "world": (comm.rank, comm.size)}
+
+    def body() -> tuple[int, int, float, np.ndarray, dict[str, float], int]:
+        """Training in the current world: once, or (Horovod elastic) again after every reset."""
+        data = opened["data"]
+        if opened["world"] != (comm.rank, comm.size):  # hvdtrain: a new world's partition
+            with agreed(comm):
+                data = opened["data"] = open_data(cfg, job, comm, device)
+                data.cast(dtype)
+            opened["world"] = (comm.rank, comm.size)
+        steps_epoch = D.steps_per_epoch(data.sizes, per_step)
+        total_steps = steps_epoch * cfg.epochs
+        strategy.world_started(data.train.n, steps_epoch)
+        layout = {"steps_per_epoch": steps_epoch, **strategy.layout()}
+        check_agreement(comm.allgather_object(  # hvdtrain: same config, model and data everywhere
+            _startup_record(cfg, model, data)))
+        dog = Watchdog(cfg.collective_timeout, comm.rank, comm.abort)
+        log = None
+        try:
+            step = strategy.start_step()
+            per_rank = False
+            if step is None:
+                step, per_rank = restore_run(out, comm, strategy, model, optimizer, extras,
+                                             steps_epoch) if cfg.resume else (0, False)
+            if not per_rank:
+                with dog.guard("the start-up broadcast"):
+                    strategy.broadcast_state(model, optimizer)  # hvdtrain: every rank starts from rank 0's state
+            log = MetricsLog(out, comm.rank == 0, total_steps, resume_step=step, tensorboard=cfg.tensorboard)
+            last, evaluation, train_seconds, totals = _loop(
+                cfg, strategy, model, forward, optimizer, loss_fn, scheduler, scaler, data, log, dog,
+                stop_requested, step, total_steps, steps_epoch, per_step, autocast, extras, layout, losses)
+            return step, last, train_seconds, totals, evaluation, total_steps
+        finally:
+            if log is not None:
+                log.close()
+            dog.close()
+
+    bytes0 = strategy.bytes_sent
+    start_step, step, train_seconds, totals, evaluation, total_steps = strategy.run(body)
+    if comm.rank != 0:
+        return None
+    steps_by_rank = [int(n) for n in totals[1:]]
+    samples = sum(steps_by_rank) * per_step
+    atomic_torch_save({k: v.detach().cpu().clone() for k, v in model.state_dict().items()}, out / "model.pt")
+    summary = {
+        "backend": strategy.name, "world_size": comm.size, "steps": step,
+        "start_step": start_step, "steps_per_epoch": total_steps // cfg.epochs, "samples": samples,
+        "first_loss": losses[0] if losses else None, "final_loss": losses[-1] if losses else None,
+        **evaluation, "wall_seconds": time.perf_counter() - wall_start, "train_seconds": train_seconds,
+        "samples_per_sec": samples / train_seconds if train_seconds > 0 else 0.0,
+        "comm_seconds": float(totals[0] / comm.size), "steps_by_rank": steps_by_rank,
+        "bytes_communicated": strategy.bytes_sent - bytes0,
+        "bytes_per_step": (strategy.bytes_sent - bytes0) / max(1, step - start_step),
+        "threads_per_rank": threads, "device": str(device), "data": opened["data"].source,
+        "parameters": sum(p.numel() for p in model.parameters()), "config": to_dict(cfg),
+    }
+    summary.update(strategy.summary(summary))  # hvdtrain: the strategy's own fields
+    write_summary(out, summary)
+    return summary
+
+
+def _loop(cfg: TrainConfig, strategy: SyncStrategy, model: torch.nn.Module, forward: torch.nn.Module,
+          optimizer: torch.optim.Optimizer, loss_fn: Any, scheduler: Any, scaler: Any, data: RankData,
+          log: MetricsLog, dog: Watchdog, stop_requested: Callable[[], bool], step: int, total_steps: int,
+          steps_epoch: int, per_step: int, autocast: Any, extras: dict[str, Any], layout: dict[str, Any],
+          losses: list[float]) -> tuple[int, dict[str, float], float, np.ndarray]:
+    """The training loop from `step` to the end; returns (last step, final evaluation, training
+    seconds, [mean comm seconds, steps of each rank])."""
+    comm, device, out = strategy.comm, strategy.device, Path(cfg.out)
+    window: list[tuple[int, int, torch.Tensor, float, int]] = []  # (step, epoch, loss, comm s, bytes)
+    comm0 = strategy.comm_seconds
     loop_start = window_start = time.perf_counter()
     start_step = step
     saved_step = -1
     eval_seconds = 0.0
+
+    def save() -> Path | None:
+        return save_run(out, comm, strategy, model, optimizer, step, extras, layout)
+
     model.train()
-    batches = _batches(data, cfg, rank, step, steps_epoch, per_step)
+    batches = _batches(data, cfg, comm.rank, *strategy.position(step, steps_epoch), steps_epoch, per_step)
     while strategy.more(step, total_steps):  # hvdtrain: step < total_steps unless ranks run on time
         optimizer.zero_grad()
         step_loss = torch.zeros((), dtype=torch.float64, device=device)
-        for _m in range(micro):
+        for _m in range(strategy.micro_steps):
             epoch, (x, y) = next(batches)
             with autocast:
-                loss = loss_fn(forward(x), y) / micro
+                loss = loss_fn(forward(x), y) / strategy.micro_steps
             (scaler.scale(loss) if scaler else loss).backward()
             step_loss += loss.detach()
         c, b = strategy.comm_seconds, strategy.bytes_sent
@@ -198,20 +274,19 @@ def _train(cfg: TrainConfig, strategy: SyncStrategy, stop_requested: Callable[[]
         if tick is None:
             continue
         last = not strategy.more(step, total_steps)
-        if tick % cfg.log_every == 0 or last:
+        due = strategy.checkpoint_due(tick, cfg.checkpoint_every)  # elastic: a commit
+        if tick % cfg.log_every == 0 or last or due:  # a checkpoint has its metrics on disk
             with dog.guard(f"the metrics allreduce at step {step}"):
-                stop = _flush(window, comm, log, cfg, window_start, losses, stop_requested(),
-                              strategy.lockstep)
+                stop = _flush(window, comm, log, cfg.log_every, window_start, losses, stop_requested(),
+                              strategy.lockstep, per_step)
             window, window_start = [], time.perf_counter()
             if stop:
                 with dog.guard(f"the checkpoint at step {step}"):
-                    path = save_run(out, comm, strategy, model, optimizer, step, extras, layout)
-                log.close()
-                dog.close()
-                raise Preempted(step, path)
-        if cfg.checkpoint_every and tick % cfg.checkpoint_every == 0:
+                    path = save()
+                raise Preempted(step, path)  # the body's `finally` closes the log and the watchdog
+        if due:
             with dog.guard(f"the checkpoint at step {step}"):
-                save_run(out, comm, strategy, model, optimizer, step, extras, layout)
+                strategy.checkpoint(step, save)
             saved_step = step
         if cfg.eval_every and tick % cfg.eval_every == 0 and not last:
             eval_start = time.perf_counter()  # time-to-accuracy: training time only
@@ -223,42 +298,19 @@ def _train(cfg: TrainConfig, strategy: SyncStrategy, stop_requested: Callable[[]
     with dog.guard("the final synchronisation"):
         strategy.finish(model, step)  # hvdtrain: MPI fallback ends with one last average
         if saved_step != step:
-            save_run(out, comm, strategy, model, optimizer, step, extras, layout)
+            strategy.checkpoint(step, save)
         evaluation = evaluate(model, loss_fn, data, comm, cfg.batch_size * 4, autocast)
         log.evaluation(step, train_seconds, evaluation)
-        mine = np.zeros(size + 1)
-        mine[0], mine[1 + rank] = strategy.comm_seconds - comm0, step - start_step
+        mine = np.zeros(comm.size + 1)
+        mine[0], mine[1 + comm.rank] = strategy.comm_seconds - comm0, step - start_step
         totals = comm.allreduce_sum(mine)  # mean comm time; steps by rank (time-based ranks differ)
-    dog.close()
-    log.close()
-
-    steps_by_rank = [int(n) for n in totals[1:]]
-    samples = sum(steps_by_rank) * per_step
-    if rank != 0:
-        return None
-    atomic_torch_save({k: v.detach().cpu().clone() for k, v in model.state_dict().items()}, out / "model.pt")
-    summary = {
-        "backend": strategy.name, "world_size": size, "sync_every": cfg.sync.sync_every,
-        "alpha": cfg.sync.alpha, "mpi_allreduce": cfg.sync.mpi_allreduce, "steps": step,
-        "start_step": start_step, "steps_per_epoch": steps_epoch, "samples": samples,
-        "first_loss": losses[0] if losses else None, "final_loss": losses[-1] if losses else None,
-        **evaluation, "wall_seconds": time.perf_counter() - wall_start, "train_seconds": train_seconds,
-        "samples_per_sec": samples / train_seconds if train_seconds > 0 else 0.0,
-        "comm_seconds": float(totals[0] / size), "steps_by_rank": steps_by_rank,
-        "bytes_communicated": strategy.bytes_sent - bytes0,
-        "bytes_per_step": (strategy.bytes_sent - bytes0) / max(1, step - start_step),
-        "threads_per_rank": threads, "device": str(device), "data": data.source,
-        "parameters": sum(p.numel() for p in model.parameters()), "config": to_dict(cfg),
-    }
-    log.summary(summary)
-    return summary
+    return step, evaluation, train_seconds, totals
 
 
-def _batches(data: RankData, cfg: TrainConfig, rank: int, step: int, steps_epoch: int,
+def _batches(data: RankData, cfg: TrainConfig, rank: int, epoch: int, first: int, steps_epoch: int,
              per_step: int) -> Iterator[tuple[int, Any]]:
-    """(epoch, batch) of this rank's block from `step` on, epoch after epoch: a fresh seeded
-    order per epoch, whole steps only (ranks running on time may go past the last epoch)."""
-    epoch, first = divmod(step, steps_epoch)
+    """(epoch, batch) of this rank's block from step `first` of `epoch` on, epoch after epoch: a
+    fresh seeded order per epoch, whole steps only (ranks running on time may go past the last epoch)."""
     while True:
         order = D.epoch_order(data.train.n, epoch, rank, cfg.seed)[first * per_step:steps_epoch * per_step]
         for batch in data.train.batches(order, cfg.batch_size):
@@ -282,8 +334,8 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def _flush(window: list[tuple[int, int, torch.Tensor, float, int]], comm: Comm, log: MetricsLog,
-           cfg: TrainConfig, window_start: float, losses: list[float], stop: bool,
-           lockstep: bool = True) -> bool:
+           log_every: int, window_start: float, losses: list[float], stop: bool,
+           lockstep: bool, per_step: int) -> bool:
     """One small allreduce per window: mean losses, the stop vote and NaN reports of every rank.
     Ranks in lockstep log every step; time-based ranks took different steps, so they log one
     row per window (the loss over all ranks' steps)."""
@@ -300,7 +352,7 @@ def _flush(window: list[tuple[int, int, torch.Tensor, float, int]], comm: Comm, 
     steps = summed[n + 1]  # by all ranks in this window
     mean = summed[:n] / (comm.size if lockstep else steps)
     elapsed = max(time.perf_counter() - window_start, 1e-9)
-    rate = steps * cfg.batch_size * cfg.sync.backward_passes_per_step / elapsed
+    rate = steps * per_step / elapsed
     log.steps([{"step": st, "epoch": ep, "loss": float(l), "samples_per_sec": rate,
                 "comm_seconds": cs, "bytes_sent": bs}
                for (st, ep, _, cs, bs), l in zip(rows, mean)])

@@ -1,4 +1,5 @@
-"""Horovod elastic training (`hvdtrain train --elastic`, hvdtrain/elastic.py) on the local cluster
+"""Horovod elastic training (`hvdtrain train --elastic`, strategies/elastic.py behind train.py's one
+loop) on the local cluster
 (mpi_jobs/cluster_local.sh): 3 hosts, one slot each, found by mpi_jobs/discover_hosts.sh in a hosts
 file. Mid-run the test removes host 3 from the file, later puts it back; the job must shrink to 2
 ranks and grow to 3 again without a restart, account for every sample it trained, and end with
@@ -7,11 +8,12 @@ others go back to the last commit and finish as 2.
 
 The job's own records are the evidence: OUT/elastic.jsonl (rank 0: a `world` line at every
 (re)start with each rank's host and block rows, a `commit` line at every commit), its stdout,
-OUT/summary.json and OUT/ranks/rank-R.json (host and SHA-256 of the final state of every rank).
+OUT/summary.json, OUT/ranks/rank-R.json (host and SHA-256 of the final state of every rank), and
+what every run writes: OUT/metrics.jsonl (one line per step, each step once) and OUT/evals.jsonl.
 
 The tests that need no cluster come first (bad input: one line, exit 2). The cluster tests need
 root; their module fixture always takes the cluster down and checks that nothing is left. A job
-runs under hvdtrain.launch.run (own session, killed with it on timeout) in a thread while the
+runs under hvdtrain.tools.launch.run (own session, killed with it on timeout) in a thread while the
 test edits the hosts file; HVDTRAIN_ELASTIC_STEP_SLEEP (a test-only knob) keeps the tiny job
 running long enough for the changes.
 """
@@ -29,7 +31,7 @@ from pathlib import Path
 import pytest
 
 from hvdtrain import data as D
-from hvdtrain.launch import launcher_env, run
+from hvdtrain.tools.launch import launcher_env, run
 from support.cluster import cluster_up, kill_job_of, netns_pids, procs_mentioning
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,7 +39,7 @@ PY = sys.executable
 HOROVODRUN = str(Path(PY).parent / "horovodrun")
 DISCOVER = ROOT / "mpi_jobs" / "discover_hosts.sh"
 HOSTS = ["198.18.0.1", "198.18.0.2", "198.18.0.3"]
-ROWS, BATCH, EPOCHS, COMMIT_EVERY = 3000, 8, 4, 5
+ROWS, BATCH, EPOCHS, COMMIT_EVERY, EVAL_EVERY = 3000, 8, 4, 5, 50
 STEP_SLEEP = "0.02"  # seconds per step: ~500 steps (4 epochs of 125 at 3 ranks) take >= 10 s
 JOB_TIMEOUT = 150  # the launcher's limit (a hang shows as exit 124)
 WAIT = 90  # for each stage of the job (start, shrink, grow)
@@ -57,7 +59,7 @@ def hvdtrain(*args: str, env: dict[str, str] | None = None, timeout: float = 60)
     (["--backend", "single"], "backend is 'single'"),
     ([], "horovodrun's elastic mode"),  # plain python: no elastic launcher
     (["--resume"], "does not support --resume"),
-    (["--checkpoint-every", "5", "--eval-every", "5"], "--checkpoint-every, --eval-every"),
+    (["--checkpoint-every", "5", "--amp", "fp16"], "--checkpoint-every (commits: --elastic-commit-every), --amp fp16"),
     (["--elastic-commit-every", "0"], "elastic_commit_every must be"),
 ], ids=["mpi", "single", "no-launcher", "resume", "checkpoint-eval", "commit-0"])
 def test_bad_elastic_input_is_one_line_and_exit_2(args, says, tmp_path):
@@ -76,8 +78,8 @@ def test_bad_step_sleep_is_one_line_and_exit_2(tmp_path):
     assert "HVDTRAIN_ELASTIC_STEP_SLEEP='soon'" in result.stderr, result.stderr
 
 
-def test_fit_refuses_elastic(tmp_path):
-    # fit() runs the ordinary loop, which must not pretend to be elastic.
+def test_fit_elastic_needs_the_elastic_launcher(tmp_path):
+    # fit() runs the same loop; elastic=True outside horovodrun's elastic mode is one clear error.
     script = ("import torch, hvdtrain\n"
               "try:\n"
               "    hvdtrain.fit(torch.nn.Linear(10, 1), 'regression', backend='horovod', elastic=True, rows=64,\n"
@@ -86,7 +88,7 @@ def test_fit_refuses_elastic(tmp_path):
               "    print('REFUSED', exc)\n")
     result = subprocess.run([PY, "-c", script], capture_output=True, text=True, timeout=120, cwd=ROOT,
                             env={k: v for k, v in os.environ.items() if not k.startswith("HOROVOD_")})
-    assert result.returncode == 0 and "REFUSED elastic training runs from the command line" in result.stdout, result
+    assert result.returncode == 0 and "REFUSED --elastic needs horovodrun's elastic mode" in result.stdout, result
 
 
 def test_discover_hosts_prints_the_file(tmp_path):
@@ -127,7 +129,7 @@ def records(out: Path) -> list[dict]:
 
 
 class Job:
-    """The elastic job of a test, started by hvdtrain.launch.run (own session, killed with it on
+    """The elastic job of a test, started by hvdtrain.tools.launch.run (own session, killed with it on
     timeout) in a thread, so the test can change the hosts while it runs."""
 
     def __init__(self, cluster, tmp_path: Path) -> None:
@@ -140,6 +142,7 @@ class Job:
                PY, "-m", "hvdtrain", "train", "--backend", "horovod", "--elastic",
                "--elastic-commit-every", str(COMMIT_EVERY), "--data", "regression", "--rows", str(ROWS),
                "--batch-size", str(BATCH), "--epochs", str(EPOCHS), "--lr", "0.02", "--seed", "3",
+               "--eval-every", str(EVAL_EVERY), "--log-every", "3",
                "--threads", "1", "--out", str(self.out)]
         self.done: dict = {}
         self.started = time.monotonic()
@@ -169,7 +172,7 @@ class Job:
 
     def result(self) -> subprocess.CompletedProcess:
         self.thread.join(JOB_TIMEOUT + 30)
-        assert not self.thread.is_alive(), "hvdtrain.launch.run did not return"
+        assert not self.thread.is_alive(), "hvdtrain.tools.launch.run did not return"
         result = self.done["result"]
         print(f"elastic job: {time.monotonic() - self.started:.1f} s; stages at {self.marks}", file=sys.stderr)
         assert result.returncode == 0, result.stdout[-8000:]
@@ -228,6 +231,16 @@ def check_run(out: Path, sizes: list[int]) -> tuple[dict, list[dict]]:
     assert {r["sha256"] for r in ranks} == {summary["sha256"]}, ranks
     assert {(r["step"], r["samples"]) for r in ranks} == {(summary["steps"], summary["samples"])}, ranks
     assert summary["final_loss"] < summary["first_loss"], summary
+
+    # What every run writes, elastic included (train.py's loop): a metrics line for every step once
+    # (a reset goes back to a commit, where the metrics were flushed), evaluations on schedule.
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == list(range(1, summary["steps"] + 1)), [m["step"] for m in metrics][-20:]
+    assert all(m["loss"] == m["loss"] and m["samples_per_sec"] > 0 for m in metrics), metrics[:3]
+    evals = [json.loads(line) for line in (out / "evals.jsonl").read_text().splitlines()]
+    assert evals and evals[-1]["step"] == summary["steps"] and evals[-1]["eval_loss"] == summary["eval_loss"], evals
+    assert all(e["step"] % EVAL_EVERY == 0 for e in evals[:-1]) and len(evals) >= 2, evals
+    assert summary["backend"] == "horovod" and summary["elastic"] is True, summary
 
     # No worker of the job outlives it (the one that left included).
     deadline = time.monotonic() + 20

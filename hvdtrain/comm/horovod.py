@@ -19,6 +19,10 @@ class HorovodComm(Comm):
         super().__init__(hvd.rank(), hvd.size(), hvd.local_rank(), hvd.local_size())
         self._calls = 0
 
+    def reset_names(self) -> None:
+        """Horovod elastic: after a reset every rank (a joiner's count is 0) restarts the count."""
+        self._calls = 0
+
     def _name(self, what: str) -> str:
         self._calls += 1  # Horovod matches collectives across ranks by name
         return f"hvdtrain.{what}.{self._calls}"

@@ -9,7 +9,6 @@ from typing import Any
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from hvdtrain.errors import ConfigError
 from hvdtrain.strategies.base import SyncStrategy, ring_bytes
 
 
@@ -17,15 +16,11 @@ class DDPStrategy(SyncStrategy):
     name = "ddp"
     comm_kind = "ddp"
     replicas_identical = True
+    scales_lr = True
 
     def attach(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-               weights: list[float]) -> torch.optim.Optimizer:
-        if self.sync_cfg.backward_passes_per_step != 1:
-            raise ConfigError("backend 'ddp' takes backward_passes_per_step 1; use --backend horovod for "
-                              "gradient accumulation")
-        if self.optim_cfg.scale_lr:
-            for group in optimizer.param_groups:
-                group["lr"] *= self.size
+               sizes: list[int]) -> torch.optim.Optimizer:
+        self.scale_lr(optimizer)
         ids = [self.device.index] if self.device.type == "cuda" else None
         # As fast as DDP gets: gradients as views of the buckets (no copy), buckets as DDP defaults.
         self.ddp = DDP(model, device_ids=ids, gradient_as_bucket_view=True)

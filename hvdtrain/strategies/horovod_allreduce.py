@@ -16,7 +16,6 @@ import torch
 
 import horovod.torch as hvd  # noqa: E402
 
-from hvdtrain.errors import ConfigError
 from hvdtrain.strategies.base import SyncStrategy, float_buffers, ring_bytes
 
 
@@ -24,16 +23,12 @@ class HorovodAllreduce(SyncStrategy):
     name = "horovod"
     comm_kind = "horovod"
     replicas_identical = True
+    takes_accumulation = True
+    scales_lr = True
 
     def attach(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-               weights: list[float]) -> torch.optim.Optimizer:
-        if self.sync_cfg.elastic:  # hvdtrain: elastic runs its own loop (hvdtrain/elastic.py), from the CLI
-            raise ConfigError("elastic training runs from the command line: `horovodrun --gloo --min-np A "
-                              "--max-np B --host-discovery-script SCRIPT python -m hvdtrain train --elastic ...`; "
-                              "drop elastic=True from fit()")
-        if self.optim_cfg.scale_lr:  # hvdtrain: the global batch is size x larger
-            for group in optimizer.param_groups:
-                group["lr"] *= self.size
+               sizes: list[int]) -> torch.optim.Optimizer:
+        self.scale_lr(optimizer)  # hvdtrain: the global batch is size x larger
         fp16 = self.sync_cfg.fp16
         self._payload = sum(p.numel() * (2 if fp16 and p.is_floating_point() else p.element_size())
                             for p in model.parameters() if p.requires_grad)

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
+from hvdtrain.data import averaging_weights
 from hvdtrain.strategies.base import SyncStrategy, float_buffers, ring_bytes
 from hvdtrain.strategies.outer import OuterOptimizer
 
@@ -150,10 +151,11 @@ class MPIAverage(SyncStrategy):
     replicas_identical = False  # between syncs, and always for optimizer state
 
     def attach(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-               weights: list[float]) -> torch.optim.Optimizer:
+               sizes: list[int]) -> torch.optim.Optimizer:
         params = list(model.parameters())
         params += [b for b in float_buffers(model) if b.dtype == params[0].dtype]
         cfg = self.sync_cfg
+        self.weights = weights = averaging_weights(sizes, cfg.weights)  # w_j: rows share, or --weights
         self.averager = FlatAverager(self.comm.mpi, params, weights[self.rank], cfg.alpha, cfg.mpi_allreduce)
         self.outer = OuterOptimizer(cfg.outer_optimizer, cfg.outer_lr, cfg.outer_momentum) \
             if cfg.outer_optimizer != "none" else None
@@ -270,6 +272,13 @@ class MPIAverage(SyncStrategy):
         if self.outer is not None and self.outer.globals is None:
             self.outer.reset(self.averager.params())
         self._round_start = time.perf_counter()  # every rank leaves the broadcast together
+
+    def layout(self) -> dict[str, Any]:
+        return {"weights": self.weights}  # a resume at another world size mixes the ranks' states by w_j
+
+    def summary(self, summary: dict[str, Any]) -> dict[str, Any]:
+        cfg = self.sync_cfg
+        return {"sync_every": cfg.sync_every, "alpha": cfg.alpha, "mpi_allreduce": cfg.mpi_allreduce}
 
     def state_dict(self) -> dict[str, Any]:
         return {"steps": self._steps, "last_sync": self._last_sync, "syncs": self.syncs,
