@@ -52,6 +52,9 @@ RUN old_user="$(getent passwd "$HVD_UID" | cut -d: -f1 || true)" \
  && useradd --create-home --uid "$HVD_UID" --shell /bin/bash hvd \
  && install -d -o hvd -g hvd /opt/hvdtrain /workspace
 
+# Open MPI's shared-memory transport uses cross-memory attach (CMA) for large messages; the
+# default container seccomp profile forbids process_vm_readv, so ranks would fail on it. Set
+# here, once, for every process of the image (the entrypoint, `docker exec`, --entrypoint).
 ENV HVDTRAIN_VENV=/opt/hvdtrain/venv \
     PATH=/opt/hvdtrain/venv/bin:${PATH} \
     OMPI_MCA_btl_vader_single_copy_mechanism=none \

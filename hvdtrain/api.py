@@ -2,13 +2,11 @@
 horovodrun, mpirun, srun or plain `python` (one process)."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, Callable
 
 from hvdtrain.config import load_config, overrides_from_kwargs
 from hvdtrain.errors import ConfigError
-from hvdtrain.layout import detect_layout
 from hvdtrain.registry import Job
 
 
@@ -30,8 +28,8 @@ def fit(model: Any, train_data: Any, eval_data: Any = None, *, loss: Any = None,
     config      a TOML file, as `hvdtrain train --config`; keyword settings override it.
     **settings  any run setting by its keyword (backend, epochs, batch_size, sync_every, alpha,
                 weights, out, resume, seed, ...: `hvdtrain train --help` lists them, `--sync-every`
-                is `sync_every=`). Default backend: horovod when a launcher started the process,
-                single otherwise.
+                is `sync_every=`). Default backend: `auto` (config.default_backend: horovod
+                when a launcher started the process, single otherwise), as for the CLI.
 
     Raises ConfigError (a ValueError) on every rank for bad settings, models or data.
     """
@@ -45,9 +43,6 @@ def fit(model: Any, train_data: Any, eval_data: Any = None, *, loss: Any = None,
         overrides.setdefault("optim", {})["name"], optimizer = optimizer, None
     if isinstance(train_data, (str, Path)):
         overrides.setdefault("data", {})["path"], train_data = str(train_data), None
-    if "backend" not in settings and not (config and _toml_sets_backend(config)):
-        launched = detect_layout(os.environ).launcher != "none"
-        overrides.setdefault("sync", {})["backend"] = "horovod" if launched else "single"
     if model is None:
         raise ConfigError("fit() needs a model: an nn.Module or a zero-argument callable returning one")
     cfg = load_config(config, overrides)
@@ -56,10 +51,3 @@ def fit(model: Any, train_data: Any, eval_data: Any = None, *, loss: Any = None,
               scheduler=scheduler)
     return train(cfg, strategy, job=job)
 
-
-def _toml_sets_backend(path: str) -> bool:
-    import tomllib
-    try:
-        return "backend" in tomllib.loads(Path(path).read_text()).get("sync", {})
-    except (OSError, ValueError, AttributeError):
-        return False  # load_config reports the problem with its own message

@@ -13,11 +13,9 @@ import time
 from typing import Any, Callable
 
 from hvdtrain import __version__
-from hvdtrain.config import SETTINGS, load_config, overrides_from_kwargs, parse_json_object
-from hvdtrain.errors import ConfigError
-
-EXIT_USAGE = 2
-EXIT_NUMERICAL = 3
+from hvdtrain.config import (BY_KWARG, SETTINGS, field_default, load_config, overrides_from_kwargs,
+                             parse_json_object)
+from hvdtrain.errors import EXIT_NUMERICAL, EXIT_USAGE, ConfigError
 
 
 class Parser(argparse.ArgumentParser):
@@ -42,14 +40,15 @@ def _ints(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
 
 
-def _json(text: str) -> dict[str, Any]:
+def json_arg(text: str) -> dict[str, Any]:
+    """argparse type of a JSON-object flag (`--model-args '{"k": 1}'`): the object, or a usage error."""
     try:
         return parse_json_object(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-_TYPES: dict[str, Any] = {"int": int, "float": float, "str": str, "ints": _ints, "floats": _floats, "json": _json}
+_TYPES: dict[str, Any] = {"int": int, "float": float, "str": str, "ints": _ints, "floats": _floats, "json": json_arg}
 
 
 def add_train_flags(p: argparse.ArgumentParser) -> None:
@@ -71,14 +70,8 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _flat_defaults() -> dict[str, Any]:
-    from hvdtrain.config import TrainConfig, to_dict
-    flat: dict[str, Any] = {}
-    for key, value in to_dict(TrainConfig()).items():
-        if isinstance(value, dict) and key in ("data", "model", "optim", "sync"):
-            flat.update({f"{key}.{k}": v for k, v in value.items()})
-        else:
-            flat[key] = value
-    return flat
+    """Each setting's default as its dataclass field declares it ('auto' stays 'auto')."""
+    return {f"{s.section}.{s.key}" if s.section else s.key: field_default(s) for s in SETTINGS}
 
 
 def overrides_from(args: argparse.Namespace) -> dict[str, Any]:
@@ -137,40 +130,35 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     try:
         cfg = load_config(args.config, overrides_from(args))
-        if cfg.sync.elastic:  # hvdtrain: before Horovod starts; elastic runs its own loop
-            from hvdtrain.elastic import check_launcher
+        if cfg.sync.elastic:  # hvdtrain: checked before Horovod starts
+            from hvdtrain.strategies.elastic import check_launcher
             check_launcher(os.environ)
         stop = StopFlag()
         strategy = make_strategy(cfg)
     except ConfigError as exc:
         return _fail(str(exc), 0, 1, None, EXIT_USAGE)
     backend = strategy.comm
-    rank = backend.rank
     try:
-        if cfg.sync.elastic:
-            from hvdtrain.elastic import train_elastic
-            summary = train_elastic(cfg, backend)
-        else:
-            summary = train(cfg, strategy, stop)
+        summary = train(cfg, strategy, stop)
     except ConfigError as exc:  # raised on every rank together (train agrees on errors first)
-        if rank == 0:
+        if backend.rank == 0:  # the rank now (Horovod elastic may renumber)
             sys.stderr.write(f"hvdtrain: error: {exc}\n")
         backend.shutdown()
         return EXIT_USAGE
     except NumericalError as exc:  # every rank raises it together
-        if rank == 0:
+        if backend.rank == 0:  # the rank now (Horovod elastic may renumber)
             sys.stderr.write(f"hvdtrain: error: {exc}\n")
         backend.shutdown()
         return EXIT_NUMERICAL
     except Preempted as exc:
-        if rank == 0:
+        if backend.rank == 0:  # the rank now (Horovod elastic may renumber)
             sys.stderr.write(f"hvdtrain: {exc}\n")
         backend.shutdown()
         return EXIT_PREEMPTED
     except BaseException:
         import traceback
         traceback.print_exc()
-        sys.stderr.write(f"hvdtrain: rank {rank} failed; ending the job\n")
+        sys.stderr.write(f"hvdtrain: rank {backend.rank} failed; ending the job\n")
         sys.stderr.flush()
         backend.abort(1)
         return 1
@@ -214,8 +202,10 @@ def build_parser() -> Parser:
     data_sub = data.add_subparsers(dest="data_command", required=True, parser_class=Parser)
     make = data_sub.add_parser("make", help="write a built-in set to a folder")
     make.add_argument("name", help="regression or digits")
-    make.add_argument("--rows", type=int, default=100_000)
-    make.add_argument("--seed", type=int, default=0)
+    make.add_argument("--rows", type=int, default=field_default(BY_KWARG["rows"]),
+                      help="rows of the regression set (default: as [data] rows, %(default)s)")
+    make.add_argument("--seed", type=int, default=field_default(BY_KWARG["seed"]),
+                      help="seed of the generated data (default: as seed, %(default)s)")
     make.add_argument("--out", required=True)
     make.add_argument("--overwrite", action="store_true", help="replace an existing folder at --out")
     make.set_defaults(func=cmd_data_make)
@@ -224,10 +214,11 @@ def build_parser() -> Parser:
     return parser
 
 
+# Tools (hvdtrain/tools/, the layer above the CLI) by module name: the core never imports a tool.
 FORWARDED = {
-    "compare": ("hvdtrain.compare", "run the same job under each strategy; report, JSON and plots"),
-    "bench": ("hvdtrain.bench", "benchmarks: `bench allreduce` or `bench train`"),
-    "doctor": ("hvdtrain.doctor", "check torch, Horovod, MPI and each launcher (a 2-rank allreduce)"),
+    "compare": ("hvdtrain.tools.compare", "run the same job under each strategy; report, JSON and plots"),
+    "bench": ("hvdtrain.tools.bench", "benchmarks: bench allreduce, train, synthetic, convergence or fit"),
+    "doctor": ("hvdtrain.tools.doctor", "check torch, Horovod, MPI and each launcher (a 2-rank allreduce)"),
 }
 
 

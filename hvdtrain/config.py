@@ -14,12 +14,14 @@ import dataclasses
 import inspect
 import json
 import math
+import os
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Mapping, NamedTuple
 
 from hvdtrain.errors import ConfigError
+from hvdtrain.layout import detect_layout
 from hvdtrain.plugins import is_spec, nearest
 
 PARTITIONS = ("block", "random")
@@ -31,12 +33,13 @@ OUTER_OPTIMIZERS = ("none", "sgd", "nesterov")
 
 
 def _registered(kind: str) -> tuple[str, ...]:
-    """Built-in names of a registry (imported lazily: the registries live with their code)."""
+    """Built-in names of a kind, from the catalogs (leaves: config imports no registry or strategy;
+    imported here, not at the top, so importing config never runs the strategies package)."""
     if kind == "backend":
-        from hvdtrain.strategies import STRATEGIES
+        from hvdtrain.strategies.catalog import STRATEGIES
         return tuple(STRATEGIES)
-    from hvdtrain import registry
-    return tuple({"model": registry.MODELS, "optimizer": registry.OPTIMIZERS, "loss": registry.LOSSES}[kind])
+    from hvdtrain.catalog import LOSSES, MODELS, OPTIMIZERS
+    return tuple({"model": MODELS, "optimizer": OPTIMIZERS, "loss": LOSSES}[kind])
 
 
 def _check_name(kind: str, value: Any, flag: str) -> None:
@@ -50,6 +53,13 @@ def _check_name(kind: str, value: Any, flag: str) -> None:
 def _check(ok: bool, message: str) -> None:
     if not ok:
         raise ConfigError(message)
+
+
+def default_backend(environ: Mapping[str, str] | None = None) -> str:
+    """What `backend = "auto"` means: `horovod` when a launcher started this process (its variables
+    are in `environ`, default os.environ: see layout.detect_layout), `single` otherwise."""
+    launched = detect_layout(os.environ if environ is None else environ).launcher != "none"
+    return "horovod" if launched else "single"
 
 
 @dataclass
@@ -127,8 +137,8 @@ class OptimConfig:
 
 @dataclass
 class SyncConfig:
-    backend: str = "horovod"
-    """Sync strategy: `horovod` (gradient ring-allreduce), `mpi` (parameter averaging), `single`, or MODULE:ATTR."""
+    backend: str = "auto"
+    """Sync strategy: `horovod` (gradient ring-allreduce), `mpi` (parameter averaging), `ddp`, `single`, or MODULE:ATTR; `auto` (the default, for the CLI, TOML and `fit` alike): `horovod` when a launcher (mpirun, horovodrun, srun) started the process, `single` otherwise (`default_backend`)."""
     sync_every: int = 1
     """MPI fallback: average parameters every k local steps."""
     alpha: float = 1.0
@@ -154,11 +164,13 @@ class SyncConfig:
     backward_passes_per_step: int = 1
     """Horovod: local gradient accumulation before each allreduce."""
     elastic: bool = False
-    """Horovod elastic training under `horovodrun --gloo --min-np A --max-np B --host-discovery-script SCRIPT`: ranks may leave and join while the job runs (hvdtrain/elastic.py)."""
+    """Horovod elastic training under `horovodrun --gloo --min-np A --max-np B --host-discovery-script SCRIPT`: ranks may leave and join while the job runs (strategies/elastic.py; the same loop as every run)."""
     elastic_commit_every: int = 10
     """Elastic: commit the training state (model, optimizer, counters) every N steps; a failed rank rolls every rank back to the last commit, and host changes take effect at a commit."""
 
     def __post_init__(self) -> None:
+        if self.backend == "auto":  # --elastic is Horovod's own
+            self.backend = "horovod" if self.elastic else default_backend()
         _check_name("backend", self.backend, "--backend")
         _check(isinstance(self.sync_every, int) and self.sync_every >= 1,
                f"sync_every must be an integer >= 1, got {self.sync_every!r}; use --sync-every 1")
@@ -266,15 +278,16 @@ class TrainConfig:
         if self.loss != "auto":
             _check_name("loss", self.loss, "--loss")
         _check(self.amp in AMP_MODES, f"amp {self.amp!r} is unknown; use one of {', '.join(AMP_MODES)}")
-        if self.sync.elastic:  # elastic state lives in memory (hvdtrain/elastic.py), not in checkpoints
+        if self.sync.elastic:  # Horovod's elastic state lives in the workers' memory (strategies/elastic.py)
             unsupported = [flag for flag, used in (
-                ("--resume", self.resume), ("--checkpoint-every", self.checkpoint_every > 0),
-                ("--eval-every", self.eval_every > 0), ("--tensorboard", self.tensorboard),
+                ("--resume", self.resume), ("--checkpoint-every (commits: --elastic-commit-every)",
+                                            self.checkpoint_every > 0),
                 ("--amp fp16", self.amp == "fp16"),
                 ("--lr-schedule/--warmup-steps", self.optim.lr_schedule != "constant" or self.optim.warmup_steps > 0))
                 if used]
-            _check(not unsupported, f"--elastic does not support {', '.join(unsupported)}; drop "
-                                    f"{'it' if len(unsupported) == 1 else 'them'} or --elastic")
+            _check(not unsupported, f"--elastic does not support {', '.join(unsupported)}: Horovod's elastic "
+                                    f"state is held in memory and holds no checkpoint file, grad scaler or lr "
+                                    f"scheduler; drop {'it' if len(unsupported) == 1 else 'them'} or --elastic")
 
 
 SECTIONS = {"data": DataConfig, "model": ModelConfig, "optim": OptimConfig, "sync": SyncConfig}
@@ -397,6 +410,14 @@ def _settings() -> list[Setting]:
 
 SETTINGS: list[Setting] = _settings()
 BY_KWARG: dict[str, Setting] = {s.kwarg: s for s in SETTINGS}
+
+
+def field_default(setting: Setting) -> Any:
+    """A setting's default exactly as its dataclass field declares it (`backend` stays "auto"),
+    for the CLI's help, `hvdtrain data make` and other commands that reuse a setting."""
+    cls = SECTIONS[setting.section] if setting.section else TrainConfig
+    f = next(f for f in fields(cls) if f.name == setting.key)
+    return f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
 
 
 def overrides_from_kwargs(values: dict[str, Any], where: str = "setting") -> dict[str, Any]:

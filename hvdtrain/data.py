@@ -1,8 +1,8 @@
 """Data sets on disk and the split of samples across ranks.
 
 A data folder holds `X.npy`, `y.npy` (training), `eval_X.npy`, `eval_y.npy` (held out) and
-`meta.json`. Ranks memory-map the arrays and copy out only their own rows, so a rank's memory
-holds its block, never the whole set. `partition` and friends are pure functions of
+`meta.json`. Ranks read only their own rows, with plain file reads in chunks (`read_rows`), so a
+rank's memory holds its block, never the whole set. `partition` and friends are pure functions of
 (n, rank, size, seed): every rank can compute every other rank's block without talking.
 """
 from __future__ import annotations
@@ -42,7 +42,7 @@ def partition(n: int, rank: int = 0, size: int = 1, scheme: str = "block", seed:
         return np.arange(start, stop, dtype=np.int64)
     if scheme == "random":
         perm = np.random.default_rng(seed).permutation(n)
-        return np.sort(perm[start:stop])  # sorted: the memory map is read front to back
+        return np.sort(perm[start:stop])  # sorted: read_rows reads the file front to back
     raise ConfigError(f"partition {scheme!r} is unknown; use block or random")
 
 
@@ -242,13 +242,18 @@ def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
     return (data[:, :-1] / 16.0).astype(np.float32), data[:, -1].astype(np.int64)
 
 
-def make_dataset(name: str, out: str | Path, rows: int = 100_000, seed: int = 0,
+def make_dataset(name: str, out: str | Path, rows: int | None = None, seed: int | None = None,
                  eval_fraction: float = 0.1, overwrite: bool = False) -> Path:
     """Write a built-in set to `out` atomically (temp folder + rename) and return the folder.
+    `rows` and `seed` default to the settings' defaults ([data] rows and seed in config.py).
     An existing `out` is refused unless `overwrite` (then replaced only once the new set is whole)."""
     out = Path(out)
     if name not in BUILTINS:
         raise ConfigError(f"built-in data set {name!r} is unknown; use one of {', '.join(BUILTINS)}")
+    if rows is None or seed is None:
+        from hvdtrain.config import BY_KWARG, field_default
+        rows = field_default(BY_KWARG["rows"]) if rows is None else rows
+        seed = field_default(BY_KWARG["seed"]) if seed is None else seed
     if not isinstance(rows, int) or rows < 1 or not isinstance(seed, int) or seed < 0:
         raise ConfigError(f"rows must be >= 1 and seed >= 0, got rows {rows!r}, seed {seed!r}; fix the value")
     if out.exists() and not overwrite:

@@ -1,6 +1,7 @@
 """What to train, resolved: the user's objects (from `fit`) or the config's names and MODULE:ATTR
-plug-ins (from the CLI / TOML). Built-in names live in the registries below; a new model, loss
-or optimizer is one entry here, or a plug-in with no change to hvdtrain.
+plug-ins (from the CLI / TOML). Built-in names live in hvdtrain.catalog (read by config
+validation too); a new model, loss or optimizer is one entry there plus its case in the builder
+below, or a plug-in with no change to hvdtrain.
 """
 from __future__ import annotations
 
@@ -11,16 +12,10 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from hvdtrain.catalog import LOSSES, MODELS, OPTIMIZERS  # noqa: F401  (re-exported)
 from hvdtrain.config import ModelConfig, OptimConfig
 from hvdtrain.errors import ConfigError
 from hvdtrain.plugins import call_plugin, describe_error, is_spec, load_attr
-
-#: name -> description (the builders below know each name)
-MODELS = {"net": "Linear(features, 20) -> ReLU -> Linear(20, outputs); regression",
-          "mlp": "fully connected, widths from --hidden; any task"}
-LOSSES = {"mse": "mean squared error", "cross_entropy": "cross-entropy over class logits"}
-OPTIMIZERS = {"sgd": lambda: torch.optim.SGD, "adam": lambda: torch.optim.Adam,
-              "adamw": lambda: torch.optim.AdamW}  # name -> the class (sgd also gets --momentum)
 
 
 @dataclass
@@ -111,7 +106,8 @@ def build_optimizer(cfg: OptimConfig, job: Job, model: nn.Module) -> torch.optim
         opt = call_plugin(getattr(spec, "__name__", "optimizer"), "fit(optimizer=...)", spec, params)
     elif spec in OPTIMIZERS:
         extra = {"momentum": cfg.momentum} if spec == "sgd" else {}
-        opt = call_plugin(spec, "--optimizer", OPTIMIZERS[spec](), params, lr=cfg.lr, **extra, **cfg.args)
+        opt = call_plugin(spec, "--optimizer", load_attr(OPTIMIZERS[spec], "--optimizer"), params, lr=cfg.lr,
+                          **extra, **cfg.args)
     else:
         opt = call_plugin(spec, "--optimizer", load_attr(spec, "--optimizer"), params, lr=cfg.lr, **cfg.args)
     if not isinstance(opt, torch.optim.Optimizer):

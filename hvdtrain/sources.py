@@ -1,4 +1,4 @@
-"""This rank's data, whatever the source: a data folder (memory-mapped .npy), an (X, y) pair of
+"""This rank's data, whatever the source: a data folder (.npy files read in chunks), an (X, y) pair of
 arrays, or a user's map-style Dataset. Every source is cut with the same pure `partition`, and a
 rank touches only its own block: it copies its rows of a folder or array, and it calls a
 Dataset's `__getitem__` only for its own indices (through a DataLoader, so `num_workers` and

@@ -173,12 +173,12 @@ def _train(cfg: TrainConfig, strategy: SyncStrategy, stop_requested: Callable[[]
 
     def body() -> tuple[int, int, float, np.ndarray, dict[str, float], int]:
         """Training in the current world: once, or (Horovod elastic) again after every reset."""
+        with agreed(comm):  # on every rank, reopened or not: all ranks run the same collectives
+            if opened["world"] != (comm.rank, comm.size):  # hvdtrain: a new world's partition
+                opened["data"] = open_data(cfg, job, comm, device)
+                opened["data"].cast(dtype)
+                opened["world"] = (comm.rank, comm.size)
         data = opened["data"]
-        if opened["world"] != (comm.rank, comm.size):  # hvdtrain: a new world's partition
-            with agreed(comm):
-                data = opened["data"] = open_data(cfg, job, comm, device)
-                data.cast(dtype)
-            opened["world"] = (comm.rank, comm.size)
         steps_epoch = D.steps_per_epoch(data.sizes, per_step)
         total_steps = steps_epoch * cfg.epochs
         strategy.world_started(data.train.n, steps_epoch)

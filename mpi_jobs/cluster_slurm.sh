@@ -137,7 +137,7 @@ EOF
     states="$(sinfo -h -N -o '%N %T' 2>/dev/null | sort -u | tr '\n' ' ' || true)"
     [ "$(grep -oE '\b(idle|mixed|allocated)\b' <<<"$states" | wc -l)" = "$n" ] && break
     [ $SECONDS -lt $deadline ] || { say "nodes not idle after ${TIMEOUT}s: ${states:-no answer}"; false; }
-    sleep 0.5
+    sleep 0.2
   done
   trap - ERR
   say "up: slurmctld ($CTLD, $NET.254:$PORT) and $n slurmds (${states% }); state in $SL"

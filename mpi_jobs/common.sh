@@ -42,13 +42,26 @@ hvd_setup() {
   fi
   # The ranks and horovodrun's own helpers must find the venv's python, hvdtrain and horovodrun.
   export PATH="$VENV/bin:$PATH"
-  # torch reads this once at its first allocation: huge pages for big buffers (see allreduce_impls)
-  export THP_MEM_ALLOC_ENABLE="${THP_MEM_ALLOC_ENABLE:-1}"
   # Open MPI refuses root unless told it is deliberate (containers, CI machines).
   if [ "$(id -u)" = 0 ]; then
     export OMPI_ALLOW_RUN_AS_ROOT="${OMPI_ALLOW_RUN_AS_ROOT:-1}"
     export OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="${OMPI_ALLOW_RUN_AS_ROOT_CONFIRM:-1}"
   fi
+}
+
+# Export hvdtrain's MPI/Horovod settings for the NP ranks this script starts, from their one
+# definition (hvdtrain/comm/env.py), before the launcher: some are read as a rank starts
+# (THP_MEM_ALLOC_ENABLE at torch's first allocation, OMPI_MCA_* at MPI_Init). A value already
+# exported wins. With HOSTFILE the placement is unknown here: only the settings for any layout
+# go in, and each rank adds the rest for its own. compare.sh and bench.sh skip this: hvdtrain
+# gives each of their jobs its settings itself (and a benchmark's "stock" rows none).
+hvd_rank_env() {
+  local exports
+  local -a layout=(--np "$NP")
+  if [ -n "${HOSTFILE:-}" ]; then layout=(); elif [ -n "${HOSTS:-}" ]; then layout+=(--hosts "$HOSTS"); fi
+  exports="$("$PY" -m hvdtrain.comm.env --sh "${layout[@]}")" \
+    || hvd_die "cannot read hvdtrain's MPI settings with $PY (is hvdtrain installed in VENV=$VENV?)"
+  eval "$exports"
 }
 
 # True when the mpirun on PATH is Open MPI (the flags below are Open MPI's).

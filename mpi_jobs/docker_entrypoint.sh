@@ -10,9 +10,6 @@ set -euo pipefail
 VENV="${HVDTRAIN_VENV:-/opt/hvdtrain/venv}"
 export VIRTUAL_ENV="$VENV"
 export PATH="$VENV/bin:$PATH"
-# Open MPI's shared-memory transport uses cross-memory attach (CMA) for large messages; the
-# default container seccomp profile forbids process_vm_readv, so ranks would fail on it.
-export OMPI_MCA_btl_vader_single_copy_mechanism="${OMPI_MCA_btl_vader_single_copy_mechanism:-none}"
 
 if [ "$#" -eq 0 ]; then
   set -- hvdtrain --help

@@ -52,7 +52,7 @@ echo "+ plain torch loop (same model, data, batch)"
 import json, sys
 from pathlib import Path
 import torch
-from hvdtrain.bench_train import plain_loop
+from hvdtrain.tools.bench_train import plain_loop
 out, hidden, batch, epochs = Path(sys.argv[1]), tuple(int(h) for h in sys.argv[2].split(",")), int(sys.argv[3]), int(sys.argv[4])
 plain = plain_loop(out / "data", hidden, batch, epochs, lr=0.001, seed=0, threads=1, device="cuda")["samples_per_sec"]
 hv = json.loads((out / "hvdtrain" / "summary.json").read_text())

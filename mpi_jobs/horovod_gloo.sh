@@ -14,6 +14,7 @@ set -euo pipefail
 source "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")/common.sh"
 
 hvd_setup horovod_gloo
+hvd_rank_env
 hvd_host_args horovodrun
 read -ra extra <<< "${HOROVODRUN_ARGS:-}"
 hvd_exec horovodrun --gloo -np "$NP" "${HOST_ARGS[@]}" "${extra[@]}" \

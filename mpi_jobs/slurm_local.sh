@@ -185,7 +185,7 @@ while [ "$SECONDS" -lt "$deadline" ]; do
   case "$state" in
     idle|mixed|allocated|completing) say "node $NODE is $state"; print_env; exit 0 ;;
   esac
-  sleep 0.5
+  sleep 0.2
 done
 say "node $NODE not idle after ${TIMEOUT}s (state: '${state:-no answer}'); logs in $STATE/log:"
 tail -n 20 "$STATE/log/slurmctld.log" "$STATE/log/slurmd.log" >&2 2>/dev/null || true

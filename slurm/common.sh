@@ -6,9 +6,9 @@
 # shell can take signals. On SIGUSR1 (sent by `#SBATCH --signal=B:USR1@120` before the time
 # limit, or by `scancel --batch --signal=USR1 JOBID`) or SIGTERM (preemption, `scancel`), the
 # shell forwards SIGUSR1 to the launcher (srun and mpirun pass it on to every rank); hvdtrain
-# writes a checkpoint and exits with code 99 ("preempted, resume me"). The shell then runs
-# `scontrol requeue $SLURM_JOB_ID`: the job goes back to the queue under the same id and
-# output directory, and the next run finds the checkpoint and adds `--resume`.
+# writes a checkpoint and exits with EXIT_PREEMPTED (hvdtrain/errors.py: 99, "preempted, resume
+# me"). The shell then runs `scontrol requeue $SLURM_JOB_ID`: the job goes back to the queue
+# under the same id and output directory, and the next run finds the checkpoint and adds `--resume`.
 
 hvd_log() { echo "[hvdtrain-slurm $(date +%H:%M:%S)] $*"; }
 hvd_die() { echo "hvdtrain-slurm: $*" >&2; exit 2; }
@@ -30,8 +30,19 @@ hvd_setup() {
     || hvd_die "'hvdtrain' is not on PATH (venv: '${venv:-none found}'); set HVDTRAIN_VENV=/path/to/venv or run mpi_jobs/install.sh in $SLURM_SUBMIT_DIR"
   # Steps inherit this shell's environment (the venv's PATH) even under `sbatch --export=NONE`.
   export SLURM_EXPORT_ENV=ALL
-  # torch reads this once at its first allocation: huge pages for big buffers (see allreduce_impls)
-  export THP_MEM_ALLOC_ENABLE="${THP_MEM_ALLOC_ENABLE:-1}"
+  # hvdtrain's MPI/Horovod settings for the job's ranks, from their one definition
+  # (hvdtrain/comm/env.py), before any step starts: some are read as a rank starts (torch's first
+  # allocation, MPI_Init). A value already exported wins. On one node the whole job is known to
+  # share a host; on several, each rank adds the layout-dependent ones for itself.
+  local -a layout=()
+  if [ "${SLURM_JOB_NUM_NODES:-${SLURM_NNODES:-1}}" = 1 ]; then layout=(--np "${SLURM_NTASKS:-1}"); fi
+  local exports
+  exports="$(python -m hvdtrain.comm.env --sh "${layout[@]}")" \
+    || hvd_die "cannot read hvdtrain's MPI settings with $(command -v python); set HVDTRAIN_VENV to hvdtrain's virtualenv"
+  eval "$exports"
+  # The exit code of a step that checkpointed on a signal ("preempted, resume me"): hvdtrain's own.
+  HVD_EXIT_PREEMPTED="$(python -c 'from hvdtrain.errors import EXIT_PREEMPTED; print(EXIT_PREEMPTED)')" \
+    || hvd_die "cannot import hvdtrain with $(command -v python)"
   # Since Slurm 22.05 srun no longer inherits --cpus-per-task from the job; pass it on.
   if [ -n "${SLURM_CPUS_PER_TASK:-}" ]; then export SRUN_CPUS_PER_TASK="$SLURM_CPUS_PER_TASK"; fi
   if [ "$(id -u)" = 0 ]; then
@@ -124,15 +135,15 @@ hvd_run_step() {
   return "$rc"
 }
 
-# hvd_finish RC OUT: exit the batch script; a preempted step (exit 99, or stopped by a
-# forwarded signal after writing a checkpoint) requeues the job unless HVDTRAIN_REQUEUE=0.
+# hvd_finish RC OUT: exit the batch script; a preempted step (exit $HVD_EXIT_PREEMPTED, or stopped
+# by a forwarded signal after writing a checkpoint) requeues the job unless HVDTRAIN_REQUEUE=0.
 hvd_finish() {
   local rc="$1" out="$2"
   if [ "$rc" = 0 ]; then
     hvd_log "finished: $out"
     exit 0
   fi
-  if [ "$rc" = 99 ] || { [ -n "$HVD_SIGNALLED" ] && hvd_have_checkpoint "$out"; }; then
+  if [ "$rc" = "$HVD_EXIT_PREEMPTED" ] || { [ -n "$HVD_SIGNALLED" ] && hvd_have_checkpoint "$out"; }; then
     if [ "${HVDTRAIN_REQUEUE:-1}" = 1 ]; then
       hvd_log "preempted (exit $rc), checkpoint in $out/checkpoints: requeueing job $SLURM_JOB_ID"
       if scontrol requeue "$SLURM_JOB_ID"; then
@@ -144,7 +155,7 @@ hvd_finish() {
     else
       hvd_log "preempted (exit $rc); HVDTRAIN_REQUEUE=0, so not requeueing; resubmit to resume from $out"
     fi
-    exit 99
+    exit "$HVD_EXIT_PREEMPTED"
   fi
   hvd_log "training step failed with exit code $rc"
   exit "$rc"

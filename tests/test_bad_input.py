@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from hvdtrain.data import make_dataset
-from hvdtrain.launch import launcher_env, mpirun_cmd
+from hvdtrain.tools.launch import launcher_env, mpirun_cmd
+from support.jobs import TIMEOUT_EXIT, run_job
 
 Setup = Callable[[Path], None]  # mutates the case's data folder copy
 
@@ -160,9 +161,8 @@ def base(tmp_path_factory):
     data = make_dataset("regression", root / "data", rows=600, seed=0)
     make_dataset("regression", root / "one-row-src", rows=1, seed=0)
     out = root / "earlier-run"
-    done = subprocess.run([sys.executable, "-m", "hvdtrain", "train", "--backend", "single", "--data", str(data),
-                           "--out", str(out), "--batch-size", "32", "--checkpoint-every", "5"],
-                          capture_output=True, text=True, timeout=300)
+    done = run_job([sys.executable, "-m", "hvdtrain", "train", "--backend", "single", "--data", str(data),
+                    "--out", str(out), "--batch-size", "32", "--checkpoint-every", "5"], timeout=300)
     assert done.returncode == 0, done.stderr
     return root, data, out
 
@@ -218,8 +218,8 @@ def test_bad_input(base, tmp_path, case, args, setup, needle):
     root, data, earlier = base
     argv, env, out = prepare(tmp_path, root, data, earlier, args, setup)
     before = snapshot(out)
-    result = subprocess.run([sys.executable, "-m", "hvdtrain", "train", "--backend", "single", *argv],
-                            capture_output=True, text=True, timeout=120, env=env)
+    result = run_job([sys.executable, "-m", "hvdtrain", "train", "--backend", "single", *argv], timeout=120,
+                     env=env)
     check(result, needle, mpi=False)
     assert snapshot(out) == before, "the earlier run's files changed"
 
@@ -231,7 +231,7 @@ def test_bad_input_multi_rank(base, tmp_path, case, args, setup, needle):
     argv, env, out = prepare(tmp_path, root, data, earlier, args, setup)
     before = snapshot(out)
     cmd = mpirun_cmd(2, ["hvdtrain", "train", "--backend", "mpi", *argv])
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+    result = run_job(cmd, timeout=120, env=env)
     check(result, needle, mpi=True)
     assert snapshot(out) == before
 
@@ -243,11 +243,11 @@ def test_there_are_at_least_50_cases():
 @pytest.mark.mpi
 def test_mpi_backend_under_gloo_launcher_is_a_clear_error(tmp_path):
     """horovodrun --gloo starts no MPI world: each rank would train alone; refuse instead."""
-    from hvdtrain.launch import horovodrun_cmd
+    from hvdtrain.tools.launch import horovodrun_cmd
     cmd = horovodrun_cmd(2, ["hvdtrain", "train", "--backend", "mpi", "--rows", "500", "--out", str(tmp_path)],
                          gloo=True)
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=launcher_env())
-    assert result.returncode != 0
+    result = run_job(cmd, timeout=120, env=launcher_env())
+    assert result.returncode not in (0, TIMEOUT_EXIT), result.stdout[-2000:] + result.stderr[-2000:]
     text = result.stdout + result.stderr
     assert "started this process as rank 1 of 2" in text and "sees rank 0 of 1" in text, text[-2000:]
     assert "<stderr>:Traceback" not in text and not (tmp_path / "summary.json").exists()  # ranks: no traceback

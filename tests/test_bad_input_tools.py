@@ -6,12 +6,12 @@ import sys
 
 import pytest
 
-from hvdtrain.launch import launcher_env
+from hvdtrain.tools.launch import launcher_env
+from support.jobs import run_job
 
 
 def hvdtrain(*args: str, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "hvdtrain", *args], capture_output=True, text=True,
-                          timeout=120, env=launcher_env(), cwd=cwd)
+    return run_job([sys.executable, "-m", "hvdtrain", *args], timeout=120, env=launcher_env(), cwd=cwd)
 
 
 def one_line_error(result: subprocess.CompletedProcess, needle: str) -> None:

@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 
-from hvdtrain.bench_convergence import TINY, TINY_K, WORKLOADS, strategies, time_to
-from hvdtrain.launch import run
+from hvdtrain.tools.bench_convergence import TINY, TINY_K, WORKLOADS, strategies, time_to
+from hvdtrain.tools.launch import run
 
 NP = 2
 
@@ -137,7 +137,7 @@ def test_time_to_target_interpolates_and_says_never() -> None:
 def test_bad_arguments_exit_2_with_one_line_before_launching(args: list[str], tmp_path: Path,
                                                              capsys: pytest.CaptureFixture[str],
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    from hvdtrain.bench import main
+    from hvdtrain.tools.bench import main
     monkeypatch.delenv("HOSTS", raising=False)
     out = tmp_path / "out"
     try:
@@ -152,7 +152,7 @@ def test_bad_arguments_exit_2_with_one_line_before_launching(args: list[str], tm
 
 
 def test_hosts_from_env_spreads_ranks_evenly_and_adds_hierarchy(monkeypatch: pytest.MonkeyPatch) -> None:
-    from hvdtrain.bench_convergence import hosts_from_env
+    from hvdtrain.tools.bench_convergence import hosts_from_env
     monkeypatch.setenv("HOSTS", "198.18.0.1:1,198.18.0.2:1")  # as mpi_jobs/cluster_local.sh exports it
     assert hosts_from_env(4) == "198.18.0.1:2,198.18.0.2:2"
     with pytest.raises(ValueError, match="--np 2"):
@@ -163,7 +163,7 @@ def test_hosts_from_env_spreads_ranks_evenly_and_adds_hierarchy(monkeypatch: pyt
 
 def test_ranks_get_hvdtrain_mpi_settings_at_launch(monkeypatch: pytest.MonkeyPatch) -> None:
     """`python -m mpi4py` starts MPI before hvdtrain runs: the settings must be in the launch env."""
-    from hvdtrain.bench_convergence import rank_env
+    from hvdtrain.tools.bench_convergence import rank_env
     monkeypatch.delenv("OMPI_MCA_mpi_yield_when_idle", raising=False)
     monkeypatch.delenv("OMPI_MCA_coll_tuned_allreduce_algorithm", raising=False)
     local, across = rank_env(2, None), rank_env(4, "198.18.0.1:2,198.18.0.2:2")
@@ -174,7 +174,7 @@ def test_ranks_get_hvdtrain_mpi_settings_at_launch(monkeypatch: pytest.MonkeyPat
 
 
 def test_slowed_rank_wraps_the_workload_model_and_seconds_is_a_strategy() -> None:
-    from hvdtrain.bench_convergence import throttled
+    from hvdtrain.tools.bench_convergence import throttled
     flags = WORKLOADS["resnet"].flags
     out = throttled(flags, 2.0, 1)
     assert out[:3] == ("--model", "hvdtrain.examples.throttle:Throttled", "--model-args")

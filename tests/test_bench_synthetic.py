@@ -7,14 +7,16 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import statistics
 import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from hvdtrain import bench_synthetic as B
-from hvdtrain.launch import run
+from hvdtrain.tools import bench_synthetic as B
+from hvdtrain.tools.launch import run
 
 NP = 2
 ITERS = 3
@@ -24,6 +26,13 @@ SELECTED = [name for name in B.strategy_names() if name != "horovod-hand-env"]
 TINY = ["--np", str(NP), "--model", "hvdtrain.examples.digits_cnn:DigitsCNN", "--model-args",
         '{"num_classes": 10}', "--channels", "1", "--image-size", "8", "--batch-size", "8",
         "--num-warmup-batches", "1", "--num-batches-per-iter", "2", "--num-iters", str(ITERS)]
+
+
+def threads_per_rank() -> int:
+    """cores // ranks, written out here: the cores this process may run on (its affinity, which
+    the benchmark's ranks inherit), divided among the NP ranks of a row, at least 1."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // NP)
 
 
 @pytest.fixture(scope="module")
@@ -51,17 +60,28 @@ def test_every_registry_strategy_and_peer_has_a_row(bench: tuple[dict[str, Any],
 
 @pytest.mark.mpi
 def test_numbers_are_sane(bench: tuple[dict[str, Any], str]) -> None:
+    """Measured rates can only be finite and positive; everything derived from them is recomputed
+    here from the per-iteration values in the JSON and must agree to rounding."""
+    by = {r["strategy"]: r for r in bench[0]["rows"]}
+    plain, hand = by["plain torch"], by["horovod (hand-written)"]
     for r in bench[0]["rows"]:
         where = r["strategy"]
         mean, ci, total = r["img_per_sec_per_rank_mean"], r["img_per_sec_per_rank_ci95"], r["img_per_sec_total"]
-        assert math.isfinite(mean) and mean > 0 and math.isfinite(ci) and ci >= 0, where
-        assert total == pytest.approx(mean * r["ranks"]), where
         assert len(r["img_per_sec_by_rank"]) == r["ranks"], where
         assert all(len(v) == ITERS and all(math.isfinite(x) and x > 0 for x in v)
                    for v in r["img_per_sec_by_rank"]), where
-        assert r["threads"] == [1] * r["ranks"], where  # 2 cores // 2 ranks here; set on every rank
-        assert r["vs_plain"] > 0 and (r["ranks"] != NP or r["vs_handwritten_horovod"] > 0), where
-    by = {r["strategy"]: r for r in bench[0]["rows"]}
+        pooled = [x for v in r["img_per_sec_by_rank"] for x in v]  # every rank's iterations
+        assert mean == pytest.approx(statistics.fmean(pooled), rel=1e-12), where
+        assert ci == pytest.approx(1.96 * statistics.pstdev(pooled), rel=1e-9, abs=1e-9), where
+        assert total == pytest.approx(mean * r["ranks"], rel=1e-12), where
+        assert r["vs_plain"] == pytest.approx(mean / plain["img_per_sec_per_rank_mean"], rel=1e-12), where
+        if r["ranks"] == hand["ranks"]:
+            assert r["vs_handwritten_horovod"] == pytest.approx(total / hand["img_per_sec_total"], rel=1e-12), where
+        else:  # the one-process loop: no hand-written Horovod row with its rank count
+            assert r["vs_handwritten_horovod"] is None, where
+        # the rule, on any machine: every rank of every row (the one-process loop too, so rows compare
+        # per rank) runs max(1, cores // NP) torch threads, cores being those this process may use
+        assert r["threads"] == [threads_per_rank()] * r["ranks"], where
     assert by["plain torch"]["vs_plain"] == 1 and by["horovod (hand-written)"]["vs_handwritten_horovod"] == 1
 
 
@@ -69,7 +89,7 @@ def test_numbers_are_sane(bench: tuple[dict[str, Any], str]) -> None:
 def test_meta_records_machine_and_settings(bench: tuple[dict[str, Any], str]) -> None:
     meta = bench[0]["meta"]
     assert meta["versions"]["torch"] and meta["versions"]["horovod"] and meta["cores"] >= 1
-    assert meta["threads_per_rank"] >= 1 and meta["settings"]["num_iters"] == ITERS
+    assert meta["threads_per_rank"] == threads_per_rank() and meta["settings"]["num_iters"] == ITERS
     assert meta["settings"]["num_classes"] == 10 and "synthetic" in meta["command"]
     assert "OMPI_MCA_mpi_yield_when_idle" in meta["rank_env"]["hvdtrain"]
 

@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
-from hvdtrain.bench_train import add_ratios, strategies
-from hvdtrain.launch import run
+from hvdtrain.tools.bench_train import add_ratios, strategies
+from hvdtrain.tools.launch import run
 
 NP = 2
 SYNC_EVERY = [4]

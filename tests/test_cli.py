@@ -8,11 +8,11 @@ import sys
 import pytest
 
 import hvdtrain
+from support.jobs import run_job
 
 
 def hvdtrain_cli(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "hvdtrain", *args], capture_output=True, text=True,
-                          timeout=timeout)
+    return run_job([sys.executable, "-m", "hvdtrain", *args], timeout=timeout)
 
 
 def test_package_imports_with_version():
@@ -20,8 +20,7 @@ def test_package_imports_with_version():
 
 
 def test_version_from_console_script_and_module():
-    script = subprocess.run([str(__import__("pathlib").Path(sys.executable).parent / "hvdtrain"), "--version"],
-                            capture_output=True, text=True, timeout=60)
+    script = run_job([str(__import__("pathlib").Path(sys.executable).parent / "hvdtrain"), "--version"], timeout=60)
     assert script.returncode == 0 and script.stdout.strip() == f"hvdtrain {hvdtrain.__version__}"
     assert hvdtrain_cli("--version").stdout.strip() == f"hvdtrain {hvdtrain.__version__}"
 

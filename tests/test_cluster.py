@@ -1,10 +1,11 @@
 """The local multi-host cluster (mpi_jobs/cluster_local.sh), for real: hosts are network
 namespaces with their own sshd, and jobs are launched on them with plain mpirun/horovodrun.
 
-Needs root (namespaces, a bridge, sshd). A cluster of 2 hosts, then one of 3, serves the
-module's cluster tests; each is always taken down after them, and the teardown checks that no namespace, bridge, sshd, state folder or
-known_hosts entry is left. The tests that need no cluster (bad input, a full up/down cycle) come
-first in the file, so they run before that cluster exists.
+Needs root (namespaces, a bridge, sshd). The cluster tests run on the first 2 hosts, then on all 3,
+of the session's one cluster (the `shared_cluster` fixture, tests/conftest.py), whose teardown
+checks that no namespace, bridge, sshd, state folder or known_hosts entry is left. The tests that
+need no cluster up (bad input, a full up/down cycle of their own) ask for `no_cluster`; they come
+first in the file, so they run before the shared cluster is up.
 """
 from __future__ import annotations
 
@@ -13,14 +14,13 @@ import os
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from hvdtrain.launch import launcher_env, mpirun_cmd, run
-from support.cluster import (Cluster, assert_nothing_left, bridge_exists, cluster_script, exported_env,
-                             known_hosts, netns, sshds_of, tx_bytes)
+from hvdtrain.tools.launch import launcher_env, mpirun_cmd, run
+from support.cluster import (assert_nothing_left, bridge_exists, cluster_script, exported_env, known_hosts,
+                             netns, sshds_of, tx_bytes)
 
 if os.geteuid() != 0:
     pytest.skip("needs root: the local cluster makes network namespaces, a bridge and sshds",
@@ -48,13 +48,13 @@ def max_rel_err(a: dict, b: dict) -> float:
     return max(float((a[k] - b[k]).abs().max() / b[k].abs().max().clamp_min(1e-300)) for k in a)
 
 
-# --- no cluster needed (these run first, before the module's cluster is up) ---------------------
+# --- no cluster up (these run first, before the shared cluster is up) --------------------------
 
 @pytest.mark.parametrize("args", [["up", "0"], ["up", "abc"], ["up", "9"], ["up"], ["up", "2", "3"],
                                   ["shape", "--rate", "nonsense"], ["shape", "--rate", "1gbit", "--delay", "x"],
                                   ["shape", "--bogus"], ["frobnicate"], []],
                          ids=lambda a: " ".join(a) or "no-args")
-def test_bad_arguments_say_one_line_and_exit_2(args, tmp_path):
+def test_bad_arguments_say_one_line_and_exit_2(args, tmp_path, no_cluster):
     result = cluster_script(*args, state=tmp_path / "state")
     assert result.returncode == 2, result
     assert result.stdout == "" and len(result.stderr.splitlines()) == 1, result
@@ -69,12 +69,16 @@ def test_not_root_is_refused(tmp_path):
     assert result.returncode == 2 and "needs root" in result.stderr and len(result.stderr.splitlines()) == 1, result
 
 
-def test_up_then_down_leaves_nothing_behind(tmp_path):
+def test_up_then_down_leaves_nothing_behind(tmp_path, no_cluster):
     state, kh_before = tmp_path / "state", known_hosts()
     up = cluster_script("up", "1", state=state)
     try:
         assert up.returncode == 0, up.stderr
         assert netns() == ["hvd-h1"] and bridge_exists() and len(sshds_of(state)) >= 1
+        # As many hosts as CPUs or fewer: each host's share is a contiguous block (one host: all of
+        # them). The shared cluster's 3 hosts on this 2-core machine take the one-CPU-each branch.
+        allowed = sorted(os.sched_getaffinity(0))
+        assert all(sorted(os.sched_getaffinity(pid)) == allowed for pid in sshds_of(state)), allowed
     finally:
         down = cluster_script("down", state=state)
     assert down.returncode == 0, down.stderr
@@ -83,42 +87,31 @@ def test_up_then_down_leaves_nothing_behind(tmp_path):
     assert again.returncode == 0, again.stderr
 
 
-# --- on a cluster of 2, then 3 hosts --------------------------------------------------------------------------
+# --- on the first 2, then all 3 hosts of the shared cluster -----------------------------------
 
-# Module scope with two params: pytest runs every test on 2 hosts, takes that cluster down, then
-# runs them on 3 (one cluster at a time: the bridge and the namespace names are fixed).
-@pytest.fixture(scope="module", params=[2, 3], ids=lambda n: f"{n}hosts")
-def cluster(request, tmp_path_factory):
-    n = request.param
-    state = tmp_path_factory.mktemp("cluster") / "state"
-    kh_before = known_hosts()
-    started = time.monotonic()
-    up = cluster_script("up", str(n), state=state)
-    try:
-        assert up.returncode == 0, f"up failed:\n{up.stderr}"
-        print(f"cluster of {n} up in {time.monotonic() - started:.1f} s", file=sys.stderr)
-        yield Cluster(n, state, exported_env(up.stdout), up.stdout)
-    finally:
-        down = cluster_script("down", state=state)
-        assert down.returncode == 0, down.stderr
-        assert_nothing_left(state, kh_before)
+@pytest.fixture(params=[2, 3], ids=lambda n: f"{n}hosts")
+def cluster(request, shared_cluster):
+    """The first n hosts (HOSTS and HOSTFILE name only them) of the session's cluster; after the
+    test its hosts are put back as `up` made them (support.cluster.restore_hosts)."""
+    yield shared_cluster.get(request.param)
+    shared_cluster.reset()
 
 
 def test_up_exports_the_launch_environment(cluster):
-    env = cluster.env
-    addresses = [f"198.18.0.{k}" for k in range(1, cluster.n + 1)]
-    assert env["HOSTS"] == ",".join(f"{a}:1" for a in addresses)
-    assert Path(env["HOSTFILE"]).read_text() == "".join(f"{a} slots=1\n" for a in addresses)
-    assert env["OMPI_MCA_btl_tcp_if_include"] == env["OMPI_MCA_oob_tcp_if_include"] == "198.18.0.0/24"
-    assert env["HVDTRAIN_CLUSTER_DIR"] == str(cluster.state)
-    assert env["OMPI_MCA_plm_rsh_agent"].startswith(str(cluster.state))
+    for env, n in ((exported_env(cluster.exports), cluster.size), (cluster.env, cluster.n)):  # `up`'s, the view's
+        addresses = [f"198.18.0.{k}" for k in range(1, n + 1)]
+        assert env["HOSTS"] == ",".join(f"{a}:1" for a in addresses)
+        assert Path(env["HOSTFILE"]).read_text() == "".join(f"{a} slots=1\n" for a in addresses)
+        assert env["OMPI_MCA_btl_tcp_if_include"] == env["OMPI_MCA_oob_tcp_if_include"] == "198.18.0.0/24"
+        assert env["HVDTRAIN_CLUSTER_DIR"] == str(cluster.state)
+        assert env["OMPI_MCA_plm_rsh_agent"].startswith(str(cluster.state))
     assert (cluster.state / "env").read_text() == cluster.exports  # `source STATE/env` does the same
 
 
 def test_up_twice_is_refused_with_the_fix(cluster):
     result = cluster_script("up", "1", state=cluster.state)
     assert result.returncode == 2 and "down" in result.stderr and len(result.stderr.splitlines()) == 1, result
-    assert netns() == cluster.hosts
+    assert netns() == cluster.all_hosts
 
 
 def test_sshd_takes_only_the_cluster_key(cluster, tmp_path):
@@ -164,16 +157,17 @@ def test_ranks_run_on_different_hosts_and_traffic_crosses_their_links(cluster):
 
 def test_each_host_gets_its_share_of_the_cores(cluster):
     """Hosts share this machine's CPUs: each host's processes are pinned to its share, so a rank's
-    default threads (cores // ranks on the host) do not oversubscribe the real cores."""
+    default threads (cores // ranks on the host) do not oversubscribe the real cores. The shares
+    are those of the whole cluster (`up` pinned them); rank k runs on host k+1 of the first n."""
     allowed = sorted(os.sched_getaffinity(0))
     probe = "import os; print('CPUS', os.environ['OMPI_COMM_WORLD_RANK'], sorted(os.sched_getaffinity(0)), flush=True)"
-    n = cluster.n
+    n, size = cluster.n, cluster.size
     result = cluster.job(["mpirun", "-np", str(n), "--host", cluster.env["HOSTS"], "--bind-to", "none",
                           PY, "-c", probe], timeout=60)
     assert result.returncode == 0, result.stdout[-3000:]
     got = {int(r): json.loads(cpus) for r, cpus in re.findall(r"^CPUS (\d+) (\[.*\])$", result.stdout, re.M)}
-    if n <= len(allowed):  # contiguous equal shares, together all the allowed CPUs
-        expected = {k: allowed[k * len(allowed) // n:(k + 1) * len(allowed) // n] for k in range(n)}
+    if size <= len(allowed):  # contiguous equal shares, together all the allowed CPUs
+        expected = {k: allowed[k * len(allowed) // size:(k + 1) * len(allowed) // size] for k in range(n)}
     else:  # one CPU each, round robin
         expected = {k: [allowed[k % len(allowed)]] for k in range(n)}
     assert got == expected, (got, expected)
@@ -185,7 +179,7 @@ def test_shaping_limits_the_rate(cluster):
     try:
         assert shaped.returncode == 0, shaped.stderr
         status = cluster_script("status", state=cluster.state)
-        assert status.returncode == 0 and status.stdout.count(" htb") == cluster.n, status.stdout
+        assert status.returncode == 0 and status.stdout.count(" htb") == cluster.size, status.stdout
         timed = ("import time, numpy as np; from mpi4py import MPI; c = MPI.COMM_WORLD; "
                  f"a = np.ones({payload // 8}); b = np.empty_like(a); c.Allreduce(a, b); c.Barrier(); "
                  "t = time.perf_counter(); c.Allreduce(a, b); c.Barrier(); print('SECONDS', time.perf_counter() - t, flush=True)")

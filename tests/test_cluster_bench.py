@@ -2,8 +2,9 @@
 (mpi_jobs/cluster_local.sh: hosts are network namespaces with their own sshd).
 
 Needs root (namespaces, a bridge, sshd). Bad `--hosts` values are checked first, with no cluster;
-then one cluster of 2 hosts serves the rest and is always taken down, and the teardown checks
-that no namespace, bridge, sshd, state folder or known_hosts entry is left.
+the rest run on the first 2 hosts of the session's one cluster (the `shared_cluster` fixture,
+tests/conftest.py: its teardown checks that no namespace, bridge, sshd, state folder or
+known_hosts entry is left), put back as `up` made them after each test.
 What proves the jobs really ran across hosts: every rank process of every compare run is seen in
 a host's network namespace (both hosts, none in the launcher's), and the hosts' links carry at
 least the ring model's bytes of a raw mpi4py bench run.
@@ -14,20 +15,18 @@ import importlib.util
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
 import threading
-import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from hvdtrain.bench_allreduce import byte_sizes, iterations
-from hvdtrain.comm.allreduce_impls import DEFAULT_IMPLS
-from hvdtrain.launch import launcher_env, run
+from hvdtrain.tools.bench_allreduce import byte_sizes, iterations
+from hvdtrain.tools.allreduce_impls import DEFAULT_IMPLS
+from hvdtrain.tools.launch import launcher_env
 from hvdtrain.strategies import variants
+from support.cluster import Cluster, cluster_script, tx_bytes
 
 if os.geteuid() != 0:
     pytest.skip("needs root: the local cluster makes network namespaces, a bridge and sshds",
@@ -36,8 +35,6 @@ if os.geteuid() != 0:
 pytestmark = pytest.mark.mpi
 
 ROOT = Path(__file__).resolve().parent.parent
-SCRIPT = ROOT / "mpi_jobs" / "cluster_local.sh"
-KNOWN_HOSTS = Path.home() / ".ssh" / "known_hosts"
 PY = sys.executable
 MIB = 2 ** 20
 HOSTS = ["hvd-h1", "hvd-h2"]
@@ -90,81 +87,13 @@ def test_bad_hosts_from_the_command_line(tmp_path):
         assert not (tmp_path / tool).exists()
 
 
-# --- on a cluster of 2 hosts ---------------------------------------------------------------------------------
+# --- on 2 hosts of the shared cluster ------------------------------------------------------------------------
 
-def cluster_script(*args: str, state: Path, timeout: float = 180) -> subprocess.CompletedProcess:
-    """cluster_local.sh with stdout and stderr apart, in its own process group (killed on timeout)."""
-    env = dict(os.environ, HVDTRAIN_CLUSTER_DIR=str(state))
-    proc = subprocess.Popen(["bash", str(SCRIPT), *args], env=env, text=True, start_new_session=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        err += f"\n[test] killed after {timeout} s"
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
-
-
-def netns() -> list[str]:
-    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
-    return [ln.split()[0] for ln in out.splitlines() if ln.startswith("hvd-h")]
-
-
-def live_processes_mentioning(text: str) -> list[int]:
-    pids = []
-    for proc in Path("/proc").iterdir():
-        try:
-            if proc.name.isdigit() and text in (proc / "cmdline").read_text():
-                pids.append(int(proc.name))
-        except OSError:
-            pass
-    return pids
-
-
-def tx_bytes(host: str) -> int:
-    return int(subprocess.run(["ip", "netns", "exec", host, "cat", "/sys/class/net/hvd0/statistics/tx_bytes"],
-                              capture_output=True, text=True, check=True).stdout)
-
-
-def known_hosts() -> str | None:
-    return KNOWN_HOSTS.read_text() if KNOWN_HOSTS.exists() else None
-
-
-@dataclass
-class Cluster:
-    state: Path
-    env: dict[str, str]  # the launcher environment after `eval "$(cluster_local.sh up 2)"`
-
-    def job(self, cmd: list[str], timeout: float) -> subprocess.CompletedProcess:
-        return run(cmd, timeout=timeout, env=launcher_env(self.env))
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    state = tmp_path_factory.mktemp("cluster") / "state"
-    kh_before = known_hosts()
-    # The cluster is one per machine (fixed namespace and bridge names): wait while another
-    # one is up, and never `down` a cluster this fixture did not make (`down` removes any).
-    deadline = time.monotonic() + 300
-    while True:
-        up = cluster_script("up", "2", state=state)
-        if up.returncode != 2 or "already up" not in up.stderr or time.monotonic() > deadline:
-            break
-        time.sleep(5)
-    assert up.returncode == 0, f"up failed:\n{up.stderr}"  # a failed up has cleaned up after itself
-    try:
-        shell = subprocess.run(["bash", "-c", 'eval "$1" && env -0', "_", up.stdout],
-                               capture_output=True, text=True, check=True).stdout
-        yield Cluster(state, dict(item.split("=", 1) for item in shell.split("\0") if "=" in item))
-    finally:
-        down = cluster_script("down", state=state)
-        assert down.returncode == 0, down.stderr
-        assert netns() == [], f"namespaces left: {netns()}"
-        assert subprocess.run(["ip", "link", "show", "hvd0"], capture_output=True).returncode != 0, "bridge left"
-        assert live_processes_mentioning(str(state)) == [], "sshd processes left"
-        assert not state.exists(), f"state folder {state} left"
-        assert known_hosts() == kh_before, "~/.ssh/known_hosts was changed"
+@pytest.fixture
+def cluster(shared_cluster):
+    """The first 2 hosts of the session's cluster; put back as `up` made them after the test."""
+    yield shared_cluster.get(2)
+    shared_cluster.reset()
 
 
 class RankWatcher:
@@ -247,7 +176,8 @@ def test_bench_allreduce_across_hosts_every_implementation(cluster, tmp_path):
                 "--factor", "64", "--iters", "3", "--warmup", "1")
     meta, rows = doc["meta"], doc["rows"]
     assert meta["failed"] == {} and meta["hosts"] == cluster.env["HOSTS"] and meta["settings"]["np"] == 2
-    assert meta["links"]["summary"] == "unshaped" and sorted(meta["links"]["hosts"]) == HOSTS, meta["links"]
+    # The links of every host up (the cluster's; the job's two among them), as `cluster_local.sh status` lists them.
+    assert meta["links"]["summary"] == "unshaped" and sorted(meta["links"]["hosts"]) == cluster.all_hosts, meta["links"]
     # Across hosts Open MPI keeps its own allreduce choice (the forced ring is one-host only).
     assert not any(k.startswith("OMPI_MCA_coll_tuned") for k in meta["settings"]["job_env"]), meta["settings"]
     assert {r["impl"] for r in rows} == set(impls)

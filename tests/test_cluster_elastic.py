@@ -12,9 +12,10 @@ OUT/summary.json, OUT/ranks/rank-R.json (host and SHA-256 of the final state of 
 what every run writes: OUT/metrics.jsonl (one line per step, each step once) and OUT/evals.jsonl.
 
 The tests that need no cluster come first (bad input: one line, exit 2). The cluster tests need
-root; their module fixture always takes the cluster down and checks that nothing is left. A job
-runs under hvdtrain.tools.launch.run (own session, killed with it on timeout) in a thread while the
-test edits the hosts file; HVDTRAIN_ELASTIC_STEP_SLEEP (a test-only knob) keeps the tiny job
+root; they run on the session's one cluster (3 hosts: the `shared_cluster` fixture,
+tests/conftest.py, whose teardown checks that nothing is left), put back as `up` made them after
+each test. A job runs under hvdtrain.tools.launch.run (own session, killed with it on timeout) in a
+thread while the test edits the hosts file; HVDTRAIN_ELASTIC_STEP_SLEEP (a test-only knob) keeps the tiny job
 running long enough for the changes.
 """
 from __future__ import annotations
@@ -32,7 +33,7 @@ import pytest
 
 from hvdtrain import data as D
 from hvdtrain.tools.launch import launcher_env, run
-from support.cluster import cluster_up, kill_job_of, netns_pids, procs_mentioning
+from support.cluster import kill_job_of, netns_pids, procs_mentioning
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
@@ -57,7 +58,7 @@ def hvdtrain(*args: str, env: dict[str, str] | None = None, timeout: float = 60)
 @pytest.mark.parametrize("args, says", [
     (["--backend", "mpi"], "backend is 'mpi'"),
     (["--backend", "single"], "backend is 'single'"),
-    ([], "horovodrun's elastic mode"),  # plain python: no elastic launcher
+    ([], "horovodrun's elastic mode"),  # plain python: no elastic launcher (auto backend: horovod)
     (["--resume"], "does not support --resume"),
     (["--checkpoint-every", "5", "--amp", "fp16"], "--checkpoint-every (commits: --elastic-commit-every), --amp fp16"),
     (["--elastic-commit-every", "0"], "elastic_commit_every must be"),
@@ -110,9 +111,10 @@ def test_discover_hosts_prints_the_file(tmp_path):
 
 # --- on a cluster of 3 hosts --------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    yield from cluster_up(3, tmp_path_factory.mktemp("cluster") / "state")
+@pytest.fixture
+def cluster(shared_cluster):
+    yield shared_cluster.get(3)
+    shared_cluster.reset()  # the SIGKILLed worker's host: anything of the job still there is killed
 
 
 def write_hosts(path: Path, hosts: list[str]) -> None:

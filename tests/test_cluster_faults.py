@@ -4,10 +4,12 @@ SIGKILLed. The whole job must end non-zero by itself within the bound (never han
 mpirun (--backend mpi and horovod) and horovodrun --gloo, and the last checkpoint stays intact.
 
 Bounds, from issue 10: link down -> within --collective-timeout + 30 s; host SIGKILLed -> 30 s.
-Each job runs under hvdtrain.launch.run (own process group, killed at a timeout well above the
-bound) in a thread, while the test injects the fault. Needs root. Every test gets a fresh
-cluster of 2 hosts (up takes ~1 s) and its teardown checks that no namespace, bridge, sshd,
-rank or state folder is left.
+Each job runs in a session of its own (support.jobs.run_job: the whole session is killed at a
+timeout well above the bound, and whatever of it outlives the launcher) in a thread, while the
+test injects the fault. Needs root. Every test runs on the first 2 hosts of the session's one
+cluster (the `shared_cluster` fixture, tests/conftest.py); its teardown puts the hosts back
+(link up, every leftover process on them killed, sshd answering) and checks that no process of
+the test is left.
 """
 from __future__ import annotations
 
@@ -21,8 +23,9 @@ from pathlib import Path
 
 import pytest
 
-from hvdtrain.launch import TIMEOUT_EXIT, launcher_env, run
-from support.cluster import cluster_script, kill_job_of, netns, netns_pids, procs_mentioning
+from hvdtrain.tools.launch import TIMEOUT_EXIT, launcher_env
+from support.cluster import kill_job_of, netns_pids, procs_mentioning
+from support.jobs import run_job
 
 if os.geteuid() != 0:
     pytest.skip("needs root: the local cluster makes network namespaces, a bridge and sshds",
@@ -37,7 +40,7 @@ COLLECTIVE_TIMEOUT = 20
 LINK_BOUND = COLLECTIVE_TIMEOUT + 30  # seconds from the link going down to the job's end
 KILL_BOUND = 30  # seconds from the host's processes being killed to the job's end
 START_TIMEOUT = 90  # for the job to reach MID_RUN_STEP (5-20 s here)
-JOB_TIMEOUT = 180  # hvdtrain.launch.run's limit: well above both bounds (a hang shows as 124)
+JOB_TIMEOUT = 180  # run_job's limit: well above both bounds (a hang shows as 124)
 # Far more steps than the test waits for (156250 per rank): the job is always mid-run.
 TRAIN = ["train", "--rows", "200000", "--epochs", "50", "--batch-size", "32", "--checkpoint-every", "20",
          "--collective-timeout", str(COLLECTIVE_TIMEOUT), "--log-every", "5", "--threads", "1"]
@@ -59,28 +62,19 @@ LAUNCHERS = ["mpirun-mpi", "mpirun-horovod", "horovodrun-gloo"]
 
 
 @pytest.fixture
-def cluster(tmp_path):
-    """The launcher environment of a fresh 2-host cluster; taken down after the test, whatever happened."""
-    state = tmp_path / "state"
+def cluster(shared_cluster, tmp_path):
+    """The launcher environment of the first 2 hosts of the shared cluster; after the test,
+    whatever happened, its job is killed and the hosts are put back as `up` made them."""
     try:
-        up = cluster_script("up", "2", state=state)
-        assert up.returncode == 0, f"up failed:\n{up.stderr}"
-        out = subprocess.run(["bash", "-c", 'eval "$1" && env -0', "_", up.stdout],
-                             capture_output=True, text=True, check=True).stdout
-        yield dict(item.split("=", 1) for item in out.split("\0") if "=" in item)
+        yield shared_cluster.get(2).env
     finally:
         kill_job_of(tmp_path)  # a job still running after a failed test (none when it passed)
-        down = cluster_script("down", state=state)
-        assert down.returncode == 0, down.stderr
-        # Ranks, orteds and sshd sessions on both hosts went with the namespaces; nothing else may remain.
-        assert netns() == [], f"namespaces left: {netns()}"
-        assert subprocess.run(["ip", "link", "show", "hvd0"], capture_output=True).returncode != 0, "bridge left"
-        # A launcher still running (a test that failed before its fault) ends once its hosts are gone.
+        # The fault's leftovers: a link down, ranks, orteds and sshd sessions on the hosts.
+        shared_cluster.reset()
         deadline = time.monotonic() + 30
         while procs_mentioning(str(tmp_path)) and time.monotonic() < deadline:
             time.sleep(0.2)
         assert procs_mentioning(str(tmp_path)) == [], f"processes left: {procs_mentioning(str(tmp_path))}"
-        assert not state.exists(), f"state folder {state} left"
 
 
 def last_step(out: Path) -> int:
@@ -96,7 +90,7 @@ def run_with_fault(cluster: dict, launcher: str, out: Path, fault) -> tuple[subp
     done: dict = {}
 
     def job():
-        done["result"] = run(cmd, timeout=JOB_TIMEOUT, env=launcher_env(cluster))
+        done["result"] = run_job(cmd, JOB_TIMEOUT, env=launcher_env(cluster), merge_stderr=True)
         done["ended"] = time.monotonic()
 
     thread = threading.Thread(target=job, daemon=True)
@@ -116,11 +110,11 @@ def run_with_fault(cluster: dict, launcher: str, out: Path, fault) -> tuple[subp
     injected = time.monotonic()
     thread.join(JOB_TIMEOUT + 30)
     if thread.is_alive():
-        # run() killed the launcher's process group at its timeout, but it still waits for the
-        # output pipe, which mpirun's ssh children (process groups of their own) may hold.
+        # run_job kills the launcher's whole session at its timeout; should it still wait (a
+        # process outside that session holding the output pipe), end the job from here.
         kill_job_of(out)
         thread.join(30)
-        pytest.fail(f"{launcher} job: hvdtrain.launch.run did not return {JOB_TIMEOUT + 30} s after the fault")
+        pytest.fail(f"{launcher} job: run_job did not return {JOB_TIMEOUT + 30} s after the fault")
     return done["result"], done["ended"] - injected
 
 

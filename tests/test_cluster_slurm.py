@@ -2,8 +2,11 @@
 network-namespace host hvd-h1, hvd-h2 and slurmctld beside them; slurm/train_cpu.sbatch runs one
 rank per host with `srun --mpi=pmix`, and a SIGTERM checkpoints, requeues and resumes the job.
 
-Needs root. The module's cluster (2 hosts + Slurm) is always taken down after its tests, and the
-teardown checks that no namespace, Slurm daemon, job step, sshd or state folder is left.
+Needs root. The module brings up its own cluster (2 hosts + Slurm: Slurm's nodes are every host
+of the cluster, and `cluster_local.sh down` stopping Slurm is part of what is tested), after taking
+the session's shared cluster down (host names are machine-wide); it is always taken down after its
+tests, and the teardown checks that no namespace, Slurm daemon, job step, sshd or state folder is
+left.
 """
 from __future__ import annotations
 
@@ -101,7 +104,8 @@ class SlurmCluster:
 
 
 @pytest.fixture(scope="module")
-def slurm_cluster(tmp_path_factory):
+def slurm_cluster(tmp_path_factory, shared_cluster):
+    shared_cluster.down()  # one cluster at a time; a later test that asks for hosts brings it up again
     state = tmp_path_factory.mktemp("cluster-slurm") / "state"
     base = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     base["HVDTRAIN_CLUSTER_SLURM_PORT"] = str(free_port())

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from hvdtrain.launch import launcher_env, mpirun_cmd, run
+from hvdtrain.tools.launch import launcher_env, mpirun_cmd, run
 
 ARGS = ["train", "--backend", "ddp", "--rows", "4000", "--dtype", "float64", "--lr", "0.05", "--seed", "3",
         "--threads", "1", "--batch-size", "16"]

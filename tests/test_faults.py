@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from hvdtrain.launch import TIMEOUT_EXIT, horovodrun_cmd, launcher_env, mpirun_cmd, run, mpirun_args
+from hvdtrain.tools.launch import TIMEOUT_EXIT, horovodrun_cmd, launcher_env, mpirun_cmd, run, mpirun_args
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNNER = str(ROOT / "tests" / "support" / "fault_runner.py")
@@ -67,45 +67,42 @@ def rank_pid(out: Path, rank: int) -> int | None:
     return None
 
 
-def start_job(launcher: str, backend: str, out: Path, extra: list[str] = ()) -> subprocess.Popen:
+def start_job(jobs, launcher: str, backend: str, out: Path, extra: list[str] = ()) -> subprocess.Popen:
+    """The job in a session of its own; the `jobs` fixture kills the whole session when the test
+    ends, so a failed assert below never leaves ranks running."""
     argv = ["hvdtrain", "train", "--backend", backend, "--out", str(out), *TRAIN, *extra]
-    return subprocess.Popen(launch(launcher, argv), env=launcher_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    return jobs.start(launch(launcher, argv), env=launcher_env())
 
 
-def wait_for_steps(job: subprocess.Popen, out: Path, steps: int, timeout: float = 120) -> None:
+def wait_for_steps(jobs, job: subprocess.Popen, out: Path, steps: int, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     metrics = out / "metrics.jsonl"
     while time.monotonic() < deadline:
         if metrics.is_file() and len(metrics.read_text().splitlines()) >= steps:
             return
         if job.poll() is not None:
-            pytest.fail(f"job ended early: {job.stdout.read()[-2000:]}")
+            pytest.fail(f"job ended early: {finish(jobs, job, 10)[1][-2000:]}")
         time.sleep(0.2)
-    os.killpg(job.pid, signal.SIGKILL)
-    pytest.fail("training did not start in time")
+    pytest.fail(f"training did not start in time: {finish(jobs, job, 0.1)[1][-2000:]}")
 
 
-def finish(job: subprocess.Popen, timeout: float) -> tuple[int, str]:
-    try:
-        out, _ = job.communicate(timeout=timeout)
-        return job.returncode, out
-    except subprocess.TimeoutExpired:
-        os.killpg(job.pid, signal.SIGKILL)
-        return TIMEOUT_EXIT, job.communicate()[0]
+def finish(jobs, job: subprocess.Popen, timeout: float) -> tuple[int, str]:
+    """Wait for the job; past `timeout` its whole session is killed (exit TIMEOUT_EXIT)."""
+    code, out, _ = jobs.finish(job, timeout)
+    return code, out
 
 
 @pytest.mark.parametrize("launcher,backend", [("mpirun", "mpi"), ("mpirun", "horovod"),
                                               ("horovodrun", "horovod")])
-def test_sigkilled_rank_ends_the_job_within_30s(tmp_path, launcher, backend):
+def test_sigkilled_rank_ends_the_job_within_30s(tmp_path, jobs, launcher, backend):
     out = tmp_path / "out"
-    job = start_job(launcher, backend, out, ["--checkpoint-every", "5"])
-    wait_for_steps(job, out, 12)
+    job = start_job(jobs, launcher, backend, out, ["--checkpoint-every", "5"])
+    wait_for_steps(jobs, job, out, 12)
     pid = rank_pid(out, 1)
     assert pid, "rank 1 not found"
     killed = time.monotonic()
     os.kill(pid, signal.SIGKILL)
-    code, text = finish(job, 60)
+    code, text = finish(jobs, job, 60)
     elapsed = time.monotonic() - killed
     print(f"SIGKILL of rank 1 under {launcher}/{backend}: exit {code} after {elapsed:.1f} s")
     assert code not in (0, TIMEOUT_EXIT), text[-2000:]
@@ -127,12 +124,14 @@ def test_stalled_rank_is_ended_by_the_watchdog(tmp_path, launcher, backend):
 
 @pytest.mark.parametrize("launcher,backend", [("mpirun", "mpi"), ("mpirun", "horovod"),
                                               ("horovodrun", "horovod")])
-def test_preemption_checkpoints_and_resume_finishes(tmp_path, launcher, backend):
+def test_preemption_checkpoints_and_resume_finishes(tmp_path, jobs, launcher, backend):
     out = tmp_path / "out"
-    job = start_job(launcher, backend, out, ["--epochs", "3"])
-    wait_for_steps(job, out, 12)
-    os.kill(rank_pid(out, 1), signal.SIGUSR1)  # as Slurm's --signal would, to one rank or all
-    code, text = finish(job, 60)
+    job = start_job(jobs, launcher, backend, out, ["--epochs", "3"])
+    wait_for_steps(jobs, job, out, 12)
+    pid = rank_pid(out, 1)
+    assert pid, "rank 1 not found"
+    os.kill(pid, signal.SIGUSR1)  # as Slurm's --signal would, to one rank or all
+    code, text = finish(jobs, job, 60)
     assert code == 99, text[-3000:]
     ckpt = sorted((out / "checkpoints").glob("ckpt-*.pt"))[-1]
     stopped_at = torch.load(ckpt, weights_only=True)["step"]

@@ -1,10 +1,10 @@
-"""hvdtrain.launch.run: a job that outlives its timeout is killed whole, even children that left
+"""hvdtrain.tools.launch.run: a job that outlives its timeout is killed whole, even children that left
 its process group (as mpirun's ssh children do), and run() returns."""
 from __future__ import annotations
 
 import threading
 
-from hvdtrain.launch import TIMEOUT_EXIT, run
+from hvdtrain.tools.launch import TIMEOUT_EXIT, run
 
 
 def _alive(pid: int) -> bool:

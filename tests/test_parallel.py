@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from hvdtrain.launch import horovodrun_cmd, launcher_env, mpirun_cmd, run
+from hvdtrain.tools.launch import horovodrun_cmd, launcher_env, mpirun_cmd, run
 
 HERE = Path(__file__).parent
 PYTEST = ["pytest", "-q", "-p", "no:cacheprovider", "-x", "--color=no"]

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from hvdtrain.launch import horovodrun_cmd, launcher_env, mpirun_cmd, run
+from hvdtrain.tools.launch import horovodrun_cmd, launcher_env, mpirun_cmd, run
+from support.jobs import run_job
 from test_bad_input import check
 
 USER_MODULE = textwrap.dedent('''
@@ -88,8 +89,7 @@ def train(user_dir: Path, *args: str, launcher: str = "python", backend: str = "
     argv = ["hvdtrain", "train", "--backend", backend, "--out", str(user_dir / "out"), "--threads", "1", *args]
     env = launcher_env({"PYTHONPATH": ""})
     if launcher == "python":
-        return subprocess.run([sys.executable, "-m", *argv], capture_output=True, text=True, timeout=120,
-                              env=env, cwd=user_dir)
+        return run_job([sys.executable, "-m", *argv], timeout=120, env=env, cwd=user_dir)
     cmd = mpirun_cmd(2, argv) if launcher == "mpirun" else horovodrun_cmd(2, argv)
     result = run(cmd, timeout=300, env=env, cwd=user_dir)
     return subprocess.CompletedProcess(cmd, result.returncode, result.stdout, result.stdout)

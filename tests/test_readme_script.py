@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from hvdtrain.launch import horovodrun_cmd, launcher_env, mpirun_cmd, run
+from hvdtrain.tools.launch import horovodrun_cmd, launcher_env, mpirun_cmd, run
+from support.jobs import run_job
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -34,8 +34,7 @@ def accuracy(output: str) -> float:
 
 
 def test_readme_script_one_process(script):
-    result = subprocess.run([sys.executable, str(script), "single"], cwd=script.parent, capture_output=True,
-                            text=True, timeout=300, env=launcher_env())
+    result = run_job([sys.executable, str(script), "single"], timeout=300, env=launcher_env(), cwd=script.parent)
     assert result.returncode == 0, result.stderr[-3000:]
     assert accuracy(result.stdout) > 0.95
     summary = json.loads((script.parent / "runs" / "mine" / "summary.json").read_text())

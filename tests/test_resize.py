@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from hvdtrain.checkpoint import combine_states, resume_step
-from hvdtrain.launch import horovodrun_cmd, launcher_env, mpirun_cmd, run
+from hvdtrain.tools.launch import horovodrun_cmd, launcher_env, mpirun_cmd, run
 
 
 def test_combine_states_averages_with_the_weights():

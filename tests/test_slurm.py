@@ -114,6 +114,15 @@ def assert_trained(out: Path, world_size: int):
     return summary
 
 
+def assert_hvdtrain_mpi_settings(summary):
+    """Open MPI in the ranks holds hvdtrain's settings (hvdtrain/comm/env.py; both tasks on one node),
+    as rank 0 read them back through MPI_T into the summary (tests/test_settings_reach_mpi.py does
+    the same under mpirun and horovodrun)."""
+    from hvdtrain.comm.env import MCA_PREFIX, job_env_defaults
+    want = {k[len(MCA_PREFIX):]: int(v) for k, v in job_env_defaults(2).items() if k.startswith(MCA_PREFIX)}
+    assert summary.get("mpi_settings") == want, summary.get("mpi_settings")
+
+
 def test_train_gpu_script_on_cpu_node(slurm, tmp_path):
     """train.sbatch (2 nodes x 4 GPUs by default) runs on one GPU-less node with command-line overrides."""
     out = tmp_path / "run"
@@ -123,6 +132,7 @@ def test_train_gpu_script_on_cpu_node(slurm, tmp_path):
     assert "srun --mpi=pmix hvdtrain train --backend horovod" in logs
     summary = assert_trained(out, world_size=2)
     assert summary["backend"] == "horovod"
+    assert_hvdtrain_mpi_settings(summary)
 
 
 @pytest.mark.parametrize(
@@ -139,6 +149,7 @@ def test_train_cpu(slurm, tmp_path, backend, launcher):
     assert rc == 0, f"{text}\n{logs}"
     summary = assert_trained(tmp_path / "runs" / f"hvdtrain-cpu-{job}", world_size=2)
     assert summary["backend"] == backend
+    assert_hvdtrain_mpi_settings(summary)
 
 
 def test_compare(slurm, tmp_path):

@@ -1,40 +1,48 @@
 """Comm: rank layout and small collectives over mpi4py, Horovod or one process.
 
-`make_comm(kind)` starts the library once per process (later calls reuse it, so a script may
-call `hvdtrain.fit` several times) and checks its world against the launcher's variables.
+`make_comm(kind, collective_timeout)` applies hvdtrain's MPI/Horovod settings (comm/env.py), then
+starts the library once per process (later calls reuse it, so a script may call `hvdtrain.fit`
+several times) and checks its world against the launcher's variables.
+
+Importing this package loads neither torch nor an MPI library (`python -m hvdtrain.comm.env` runs
+in job scripts before any rank exists): `Comm`, `pick_device` and `default_threads` come from
+comm/base.py on first use.
 """
 from __future__ import annotations
 
 import atexit
 import os
+from typing import TYPE_CHECKING, Any
 
-from hvdtrain.comm.base import Comm, default_threads, pick_device
-from hvdtrain.config import ConfigError
+from hvdtrain.errors import ConfigError
 from hvdtrain.layout import detect_layout
+
+if TYPE_CHECKING:
+    from hvdtrain.comm.base import Comm
 
 INSTALL_HINT = "run `make install` (mpi_jobs/install.sh) to build it into the virtualenv"
 KINDS = ("horovod", "mpi", "ddp", "single")
 _started: dict[str, Comm] = {}
 
 
-def env_defaults(collective_timeout: float) -> None:
-    """hvdtrain's MPI/Horovod settings, before MPI starts (the user's exported values win)."""
-    from hvdtrain.comm.env import horovod_env_defaults
-    defaults = horovod_env_defaults()
-    if collective_timeout > 0:  # Horovod's own stall check ends a stalled job too
-        defaults["HOROVOD_STALL_CHECK_TIME_SECONDS"] = str(max(1, int(min(60, collective_timeout / 2))))
-        defaults["HOROVOD_STALL_SHUTDOWN_TIME_SECONDS"] = str(max(2, int(collective_timeout)))
-    for key, value in defaults.items():
-        os.environ.setdefault(key, value)
+def __getattr__(name: str) -> Any:
+    if name in ("Comm", "pick_device", "default_threads"):
+        from hvdtrain.comm import base
+        return getattr(base, name)
+    raise AttributeError(f"module 'hvdtrain.comm' has no attribute {name!r}")
 
 
-def make_comm(kind: str, collective_timeout: float = 300.0) -> Comm:
+def make_comm(kind: str, collective_timeout: float) -> Comm:
+    """The `kind` library's Comm; `collective_timeout` is TrainConfig.collective_timeout (seconds
+    one synchronisation may wait; 0 = never), which Horovod's stall check and torch.distributed's
+    timeout take from here."""
     if kind in _started:
         return _started[kind]
     layout = detect_layout(os.environ)
     if kind != "single":
-        env_defaults(collective_timeout)
-    comm = _start(kind)
+        from hvdtrain.comm.env import apply_env_defaults
+        apply_env_defaults(collective_timeout)
+    comm = _start(kind, collective_timeout)
     if layout.launcher != "none" and kind != "single" and (layout.rank, layout.size) != (comm.rank, comm.size):
         raise ConfigError(
             f"{layout.launcher} started this process as rank {layout.rank} of {layout.size} "
@@ -47,7 +55,7 @@ def make_comm(kind: str, collective_timeout: float = 300.0) -> Comm:
     return comm
 
 
-def _start(kind: str) -> Comm:
+def _start(kind: str, collective_timeout: float) -> Comm:
     if kind == "single":
         from hvdtrain.comm.single import SingleComm
         return SingleComm()
@@ -60,7 +68,7 @@ def _start(kind: str) -> Comm:
         return HorovodComm()
     if kind == "ddp":
         from hvdtrain.comm.torchdist import TorchDistComm
-        return TorchDistComm()
+        return TorchDistComm(collective_timeout)
     if kind == "mpi":
         try:
             from hvdtrain.comm.mpi import MPIComm

@@ -19,13 +19,15 @@ class HorovodComm(Comm):
         super().__init__(hvd.rank(), hvd.size(), hvd.local_rank(), hvd.local_size())
         self._calls = 0
 
-    def reset_names(self) -> None:
-        """Horovod elastic: after a reset every rank (a joiner's count is 0) restarts the count."""
-        self._calls = 0
+    def reset_names(self, world: str) -> None:
+        """Horovod elastic: after a reset every rank (a joiner's count is 0) restarts the count, under
+        a name of the new world that all ranks agree on (names of an earlier world are never reused:
+        Horovod returned an earlier world's result for a reused name)."""
+        self._calls, self._world = 0, world
 
     def _name(self, what: str) -> str:
         self._calls += 1  # Horovod matches collectives across ranks by name
-        return f"hvdtrain.{what}.{self._calls}"
+        return f"hvdtrain.{getattr(self, '_world', '')}{what}.{self._calls}"
 
     def allreduce_sum(self, values: np.ndarray) -> np.ndarray:
         t = torch.as_tensor(np.asarray(values, dtype=np.float64))

@@ -57,7 +57,7 @@ def _own_address() -> str:
 class TorchDistComm(Comm):
     kind = "ddp"
 
-    def __init__(self, collective_timeout: float = 300.0) -> None:
+    def __init__(self, collective_timeout: float) -> None:
         env = os.environ
         if "RANK" in env and "WORLD_SIZE" in env:  # torchrun
             rank, size = int(env["RANK"]), int(env["WORLD_SIZE"])

@@ -139,12 +139,13 @@ class ElasticHorovod(HorovodAllreduce):
         comm = self.comm
         comm.rank, comm.size = self.rank, self.size = hvd.rank(), hvd.size()
         comm.local_rank, comm.local_size = hvd.local_rank(), hvd.local_size()
-        comm.reset_names()
-        self._launches, self._pending = 0, None  # the buffer allreduces' names restart too
         self.scale_lr(self.state.optimizer)
-        state = self.state
+        state = self.state  # synced from rank 0 by hvd.elastic.run: the same on every rank
         previous = state.segments[-1][0] if state.segments else None
         state.segments = state.segments + ((self.size, state.step, 0),)
+        comm.reset_names(f"w{len(state.segments)}.")
+        self._launches, self._pending = 0, None  # the buffer allreduces' names restart too
+        self._prefix = f"w{len(state.segments)}."
         self._announce = previous
 
     def start_step(self) -> int | None:

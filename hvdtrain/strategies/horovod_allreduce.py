@@ -34,7 +34,7 @@ class HorovodAllreduce(SyncStrategy):
                             for p in model.parameters() if p.requires_grad)
         self._buffers = float_buffers(model) if self.size > 1 else []
         self._payload += sum(b.numel() * b.element_size() for b in self._buffers)
-        self._launches, self._pending = 0, None
+        self._launches, self._pending, self._prefix = 0, None, ""
         self._hook = model.register_forward_hook(self._buffers_ready) if self._buffers else None
         return hvd.DistributedOptimizer(
             optimizer, named_parameters=model.named_parameters(),
@@ -48,7 +48,7 @@ class HorovodAllreduce(SyncStrategy):
         self._wait_buffers()
         self._launches += 1
         self._pending = hvd.grouped_allreduce_async_(self._buffers, op=hvd.Average,
-                                                     name=f"hvdtrain.buffers.{self._launches}")
+                                                     name=f"hvdtrain.{self._prefix}buffers.{self._launches}")
 
     def _wait_buffers(self) -> None:
         if self._pending is not None:

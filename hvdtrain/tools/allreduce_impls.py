@@ -1,10 +1,9 @@
-"""The allreduce implementations `hvdtrain bench allreduce` compares, and hvdtrain's Horovod
-environment defaults.
+"""The allreduce implementations `hvdtrain bench allreduce` compares (bench code; hvdtrain's
+MPI/Horovod environment settings themselves live in hvdtrain.comm.env).
 
 Everything that touches mpi4py, Horovod or torch.distributed is imported inside the function
-that needs it (bench-only code): importing this module starts no communication library, so
-the Horovod backend can read `horovod_env_defaults()` before `hvd.init()`, and the bench
-driver can list implementations without joining an MPI job.
+that needs it: importing this module starts no communication library, so the bench driver can
+list implementations without joining an MPI job.
 
 Each implementation is opened as a `BenchGroup`: the rank layout, a barrier and an
 elementwise max over ranks (the bench times each iteration between a barrier and the op's
@@ -79,12 +78,12 @@ def _open_mpi(name: str, chunk_bytes: int) -> BenchGroup:
             import torch
 
             from hvdtrain.strategies.mpi_average import FlatAverager
-            from hvdtrain.config import SyncConfig
+            from hvdtrain.config import BY_KWARG, field_default
             # As training uses it: equal weights 1/N, full averaging (alpha = 1), the
-            # configured default allreduce.
+            # default of --mpi-allreduce.
             param = torch.ones(max(1, nbytes // 4), dtype=torch.float32)
             return FlatAverager(comm, [param], 1.0 / comm.size, 1.0,
-                                SyncConfig().mpi_allreduce).sync
+                                field_default(BY_KWARG["mpi_allreduce"])).sync
         buf = _floats(nbytes)
         if name == "hvdtrain-ring":
             from hvdtrain.comm.ring import ring_allreduce_

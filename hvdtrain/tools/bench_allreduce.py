@@ -35,10 +35,11 @@ from unittest import mock
 
 import numpy as np
 
-from hvdtrain import tables
-from hvdtrain.comm.allreduce_impls import (DEFAULT_IMPLS, HVDTRAIN_CONFIGURED, IMPLS, BenchGroup,
+from hvdtrain.comm.env import job_env_defaults
+from hvdtrain.tools import tables
+from hvdtrain.tools.allreduce_impls import (DEFAULT_IMPLS, HVDTRAIN_CONFIGURED, IMPLS, BenchGroup,
                                               horovod_env_defaults, open_impl)
-from hvdtrain.launch import TIMEOUT_EXIT, horovodrun_cmd, host_args, launcher_env, parse_hosts, run
+from hvdtrain.tools.launch import TIMEOUT_EXIT, horovodrun_cmd, host_args, launcher_env, parse_hosts, run
 
 ROWS_FILE, JSON_FILE, PNG_FILE = "allreduce.rows.jsonl", "allreduce.json", "allreduce.png"
 
@@ -117,7 +118,7 @@ def open_group(args: argparse.Namespace) -> BenchGroup:
 def launch_command(impl: str, args: argparse.Namespace, port: int,
                    env: dict[str, str] | None = None) -> list[str]:
     """The command line that runs `impl` as a job of --np ranks (1 for memcpy, on this host)."""
-    worker = ["-m", "hvdtrain.bench_allreduce", "--worker", impl, "--rows", str(args.rows),
+    worker = ["-m", "hvdtrain.tools.bench_allreduce", "--worker", impl, "--rows", str(args.rows),
               "--min-bytes", str(args.min_bytes), "--max-bytes", str(args.max_bytes),
               "--factor", str(args.factor), "--iters", str(args.iters), "--warmup",
               str(args.warmup), "--chunk-bytes", str(args.chunk_bytes), "--port", str(port)]
@@ -139,17 +140,6 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def rank_env_defaults(np: int | None = None, hosts: str | None = None) -> dict[str, str]:
-    """horovod_env_defaults() as the job's ranks compute it, for `np` ranks on `hosts`: the
-    settings measured on one host only go in when every rank lands on the first host."""
-    if not hosts or np is None:
-        return horovod_env_defaults()
-    on_first = min(np, int(hosts.split(",")[0].rsplit(":", 1)[1]))
-    ranks = {"OMPI_COMM_WORLD_SIZE": str(np), "OMPI_COMM_WORLD_LOCAL_SIZE": str(on_first)}
-    with mock.patch.dict(os.environ, ranks):
-        return horovod_env_defaults()
-
-
 def job_env(impl: str, np: int | None = None, hosts: str | None = None) -> dict[str, str]:
     """Root allowed, venv on PATH (launcher_env); one OpenMP thread; this hvdtrain importable.
     The implementations hvdtrain runs also get hvdtrain's rank environment
@@ -161,7 +151,7 @@ def job_env(impl: str, np: int | None = None, hosts: str | None = None) -> dict[
     env = launcher_env({"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
                         "PYTHONPATH": os.pathsep.join(p for p in path if p)})
     if impl in HVDTRAIN_CONFIGURED:
-        for key, value in rank_env_defaults(np, hosts).items():
+        for key, value in job_env_defaults(np, hosts).items():
             env.setdefault(key, value)
     else:  # as a user would run it: none of hvdtrain's defaults unless they exported them
         for key in horovod_env_defaults():
@@ -228,7 +218,7 @@ def collect_meta(args: argparse.Namespace, failed: dict[str, str]) -> dict[str, 
                          "chunk_bytes": args.chunk_bytes, "mpirun_args": args.mpirun_args,
                          "dtype": "float32", "op": "sum, in place", "torch_threads": 1,
                          "job_env": {k: os.environ.get(k, v)
-                                     for k, v in rank_env_defaults(args.np, args.hosts).items()},
+                                     for k, v in job_env_defaults(args.np, args.hosts).items()},
                          "job_env_note": f"given to {', '.join(sorted(HVDTRAIN_CONFIGURED))}"}}
 
 

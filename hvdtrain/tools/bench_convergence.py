@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from hvdtrain import data as D
-from hvdtrain import tables
+from hvdtrain.tools import tables
 from hvdtrain.checkpoint import atomic_write_text
 from hvdtrain.errors import ConfigError
 from hvdtrain.strategies import STRATEGIES, Variant
@@ -241,7 +241,7 @@ def goals(cells: list[dict[str, Any]]) -> list[str]:
 
 def hosts_from_env(np: int) -> str:
     """$HOSTS (as cluster_local.sh exports it) with np spread evenly: H1:np/n,H2:np/n."""
-    from hvdtrain.launch import parse_hosts
+    from hvdtrain.tools.launch import parse_hosts
     names = [h.strip().rsplit(":", 1)[0] for h in os.environ.get("HOSTS", "").split(",") if h.strip()]
     if not names:
         raise ValueError("--hosts-from-env needs $HOSTS (H1:slots,H2:slots); run "
@@ -293,16 +293,16 @@ def busy(group: list[dict[str, Any]]) -> float:
 
 
 def rank_env(np: int, hosts: str | None) -> dict[str, str]:
-    """hvdtrain's MPI settings for the ranks (comm.env_defaults; what the user exported wins), given
+    """hvdtrain's MPI settings for the ranks (comm.env.job_env_defaults; what the user exported wins), given
     at launch: `python -m mpi4py` starts MPI before hvdtrain could set them, so without this the
     MPI fallback would run without the yield-when-idle and allreduce settings Horovod gets."""
-    from hvdtrain.bench_allreduce import rank_env_defaults
-    return {k: v for k, v in rank_env_defaults(np, hosts).items() if k not in os.environ}
+    from hvdtrain.comm.env import job_env_defaults
+    return {k: v for k, v in job_env_defaults(np, hosts).items() if k not in os.environ}
 
 
 def run_cell(v: Variant, np: int, argv: list[str], env: dict[str, str], hosts: str | None,
              run_dir: Path, log: Path, timeout: float) -> dict[str, Any]:
-    from hvdtrain.launch import horovodrun_cmd, launcher_env, mpirun_cmd, run
+    from hvdtrain.tools.launch import horovodrun_cmd, launcher_env, mpirun_cmd, run
     argv = ["hvdtrain", "train", *argv, *v.flags, "--out", str(run_dir), "--overwrite"]
     if v.launcher == "horovodrun":
         cmd = horovodrun_cmd(np, argv, hosts=hosts)  # horovodrun forwards its whole environment
@@ -511,8 +511,8 @@ def run_group(args: Any, name: str, lr: float, runs: list[tuple[str, Variant]], 
 
 
 def main(argv: list[str]) -> int:
-    from hvdtrain.bench_allreduce import link_shaping
-    from hvdtrain.bench_train import machine
+    from hvdtrain.tools.bench_allreduce import link_shaping
+    from hvdtrain.tools.bench_train import machine
     args = build_parser().parse_args(argv)
     out = Path(args.out).resolve()  # ranks (on other hosts too) get absolute paths
     try:  # everything is checked before anything is launched or written

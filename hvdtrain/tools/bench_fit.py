@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from hvdtrain import tables
+from hvdtrain.tools import tables
 from hvdtrain.checkpoint import atomic_write_text
 
 COLUMNS = [("loop", "loop", "{}"), ("samples/s (median)", "samples_per_sec", "{:.0f}"),
@@ -59,7 +59,7 @@ def fit_loop(model: Any, train: Any, evald: Any, epochs: int, batch: int, lr: fl
 
 
 def main(argv: list[str]) -> int:
-    from hvdtrain.bench_train import machine
+    from hvdtrain.tools.bench_train import machine
     from hvdtrain.cli import Parser
     p = Parser(prog="hvdtrain bench fit", description=__doc__)
     p.add_argument("--out", default="runs/bench-fit", help="folder for fit.json")

@@ -15,7 +15,7 @@ Rows, each a launched job with a timeout:
   rank 0's address and a free port over mpi4py), stock environment;
 - `plain torch`: 1 rank, no communication.
 Every rank runs torch.set_num_threads(T) (default cores // N). Ranks run
-`python -m hvdtrain.bench_synthetic --worker KIND DIR SETTINGS` and write DIR/rank-R.json.
+`python -m hvdtrain.tools.bench_synthetic --worker KIND DIR SETTINGS` and write DIR/rank-R.json.
 Writes OUT/synthetic.json (meta: machine, versions, threads, settings; rows) and a table.
 """
 from __future__ import annotations
@@ -30,10 +30,10 @@ import timeit
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
-from hvdtrain import tables
+from hvdtrain.tools import tables
 from hvdtrain.checkpoint import atomic_write_text
 from hvdtrain.errors import ConfigError
-from hvdtrain.launch import horovodrun_cmd, launcher_env, mpirun_args, run
+from hvdtrain.tools.launch import horovodrun_cmd, launcher_env, mpirun_args, run
 
 
 class Job(NamedTuple):
@@ -238,10 +238,10 @@ def worker(argv: list[str]) -> int:
 def job_env(env: str, np: int) -> dict[str, str]:
     """hvdtrain rows get its rank environment at launch (some of it is read at process start, as
     bench allreduce does; the user's exported values win); stock rows none of it, unless exported."""
-    from hvdtrain.bench_allreduce import rank_env_defaults
+    from hvdtrain.comm.env import job_env_defaults
     base = launcher_env({"PYTHONUNBUFFERED": "1", "PYTHONPATH": os.pathsep.join(
         p for p in (str(Path(__file__).resolve().parents[1]), os.getcwd(), os.environ.get("PYTHONPATH")) if p)})
-    for key, value in rank_env_defaults(np).items():
+    for key, value in job_env_defaults(np).items():
         if env == "hvdtrain":
             base.setdefault(key, value)
         elif key not in os.environ:
@@ -254,7 +254,7 @@ def launch(job: Job, s: dict[str, Any], run_dir: Path, timeout: float) -> list[d
     import shutil
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True)
-    argv = ["hvdtrain.bench_synthetic", "--worker", job.kind, str(run_dir), json.dumps({**s, "flags": job.flags})]
+    argv = ["hvdtrain.tools.bench_synthetic", "--worker", job.kind, str(run_dir), json.dumps({**s, "flags": job.flags})]
     cmd = (horovodrun_cmd(job.ranks, argv) if job.launcher == "horovodrun" else
            mpirun_args(job.ranks) + [sys.executable, "-m", "mpi4py", "-m", *argv] if job.launcher == "mpirun" else
            [sys.executable, "-m", *argv])
@@ -327,11 +327,11 @@ def probe(s: dict[str, Any]) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from hvdtrain.cli import Parser, _json
+    from hvdtrain.cli import Parser, json_arg
     p = Parser(prog="hvdtrain bench synthetic", description=__doc__.split("\n\n")[0])
     p.add_argument("--np", type=int, default=2, help="ranks of every multi-rank row")
     p.add_argument("--model", default="hvdtrain.examples.resnet:resnet18", help="MODULE:ATTR of the model")
-    p.add_argument("--model-args", type=_json, default={}, help="JSON keyword arguments for the model")
+    p.add_argument("--model-args", type=json_arg, default={}, help="JSON keyword arguments for the model")
     p.add_argument("--batch-size", type=int, default=32, help="images per rank per step")
     p.add_argument("--image-size", type=int, default=224, help="S: images are CHANNELS x S x S")
     p.add_argument("--channels", type=int, default=3, help="input channels")
@@ -378,8 +378,8 @@ def check(args: argparse.Namespace) -> tuple[dict[str, Any], list[Job]]:
 
 
 def main(argv: list[str]) -> int:
-    from hvdtrain.bench_allreduce import rank_env_defaults
-    from hvdtrain.bench_train import machine
+    from hvdtrain.comm.env import job_env_defaults
+    from hvdtrain.tools.bench_train import machine
     args = build_parser().parse_args(argv)
     try:
         s, selection = check(args)
@@ -406,8 +406,8 @@ def main(argv: list[str]) -> int:
     meta = {**machine(), "threads_per_rank": s["threads"], "load_before": load_before, "load_after": os.getloadavg(),
             "settings": {**vars(args), "num_classes": s["num_classes"], "threads_per_rank": s["threads"]},
             "command": shlex.join(["hvdtrain", "bench", "synthetic", *argv]), "rank_env": {
-                "hvdtrain": {k: os.environ.get(k, v) for k, v in rank_env_defaults(args.np).items()},
-                "stock": {k: os.environ[k] for k in rank_env_defaults(args.np) if k in os.environ}},
+                "hvdtrain": {k: os.environ.get(k, v) for k, v in job_env_defaults(args.np).items()},
+                "stock": {k: os.environ[k] for k in job_env_defaults(args.np) if k in os.environ}},
             "method": "Horovod pytorch_synthetic_benchmark.py: one fixed random batch, warm-up, then "
                       "iterations of K batches; mean and 1.96 std over every rank's iterations"}
     atomic_write_text(json.dumps({"meta": meta, "rows": rows, "failed": failed}, indent=2) + "\n",

@@ -7,7 +7,7 @@ samples/s, efficiency samples/s(N) / (N x samples/s(1)), bytes per step, peak RS
 At 1 rank the same model, data and batch also run as a plain torch loop written the way a user
 would, so hvdtrain's own overhead is a ratio. `--memory-rows R` compares peak RSS on an R-row
 set with the same run on a tiny set, next to the bytes of the rank's data block.
-Each rank runs as `python -m hvdtrain.bench_train RSS_DIR <hvdtrain argv>`: the same code path
+Each rank runs as `python -m hvdtrain.tools.bench_train RSS_DIR <hvdtrain argv>`: the same code path
 plus an exit hook that records its peak RSS (ru_maxrss). Writes OUT/train.json and a table.
 """
 from __future__ import annotations
@@ -27,8 +27,8 @@ from typing import Any
 
 from hvdtrain import data as D
 from hvdtrain.checkpoint import atomic_write_text
-from hvdtrain import tables
-from hvdtrain.launch import horovodrun_cmd, mpirun_args, run
+from hvdtrain.tools import tables
+from hvdtrain.tools.launch import horovodrun_cmd, mpirun_args, run
 
 NO_COMM_K = 1_000_000_000
 """sync_every larger than any run: the MPI fallback then only averages once, after the last step."""
@@ -106,7 +106,7 @@ def launch(label: str, launcher: str, ranks: int, argv: list[str], run_dir: Path
            timeout: float) -> dict[str, Any]:
     """Run one job under the RSS hook; its summary.json plus every rank's peak RSS."""
     shutil.rmtree(run_dir, ignore_errors=True)
-    hooked = ["hvdtrain.bench_train", str(run_dir / "rss"), *argv]
+    hooked = ["hvdtrain.tools.bench_train", str(run_dir / "rss"), *argv]
     cmd = (horovodrun_cmd(ranks, hooked) if launcher == "horovodrun" else
            mpirun_args(ranks) + [sys.executable, "-m", "mpi4py", "-m", *hooked] if launcher == "mpirun" else
            [sys.executable, "-m", *hooked])

@@ -16,13 +16,13 @@ from pathlib import Path
 from typing import Any
 
 from hvdtrain import data as D
-from hvdtrain import tables
+from hvdtrain.tools import tables
 from hvdtrain.cli import check_train_args
-from hvdtrain.config import MPI_ALLREDUCES, SyncConfig
+from hvdtrain.config import BY_KWARG, MPI_ALLREDUCES, field_default
 from hvdtrain.errors import ConfigError
 from hvdtrain.plugins import is_spec
 from hvdtrain.checkpoint import atomic_write_text
-from hvdtrain.launch import horovodrun_cmd, mpirun_cmd, parse_hosts, run
+from hvdtrain.tools.launch import horovodrun_cmd, launcher_env, mpirun_cmd, parse_hosts, run
 from hvdtrain.strategies import Variant as Strategy, variants
 
 
@@ -44,7 +44,7 @@ def run_strategy(s: Strategy, np: int, out: Path, train_args: list[str], timeout
     cmd = (horovodrun_cmd(np, argv, hosts=hosts) if s.launcher == "horovodrun"
            else mpirun_cmd(np, argv, hosts=hosts))
     print(f"$ {' '.join(cmd)}", flush=True)
-    result = run(cmd, timeout=timeout)
+    result = run(cmd, timeout=timeout, env=launcher_env(np=np, hosts=hosts))
     (out / "logs").mkdir(parents=True, exist_ok=True)
     (out / "logs" / f"{_slug(s.label)}.log").write_text(result.stdout)
     if result.returncode != 0:
@@ -82,11 +82,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--np", type=int, default=2, help="ranks per run")
     p.add_argument("--out", default="runs/compare", help="report folder")
     p.add_argument("--data", default="regression", help="built-in set or data folder")
-    p.add_argument("--rows", type=int, default=100_000)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--rows", type=int, default=field_default(BY_KWARG["rows"]),
+                   help="rows of a built-in set (default: as [data] rows, %(default)s)")
+    p.add_argument("--seed", type=int, default=field_default(BY_KWARG["seed"]),
+                   help="seed of the data and every run (default: as seed, %(default)s)")
     p.add_argument("--sync-every", default="1,4,16", help="MPI fallback k values, comma-separated")
-    p.add_argument("--alpha", type=float, default=1.0)
-    p.add_argument("--mpi-allreduce", default=SyncConfig().mpi_allreduce, choices=MPI_ALLREDUCES)
+    p.add_argument("--alpha", type=float, default=field_default(BY_KWARG["alpha"]))
+    p.add_argument("--mpi-allreduce", default=field_default(BY_KWARG["mpi_allreduce"]), choices=MPI_ALLREDUCES)
     p.add_argument("--timeout", type=float, default=1800, help="seconds per run")
     p.add_argument("--hosts", default=None,
                    help="run across hosts H1:slots,H2:slots (mpirun --host, horovodrun -H); default: "
@@ -149,7 +151,7 @@ def main(argv: list[str]) -> int:
                                  indent=2) + "\n", out / "compare.json")
     report = [f"# {title}", "", format_table(results, markdown=True), ""]
     try:
-        from hvdtrain.plots import compare_plots
+        from hvdtrain.tools.plots import compare_plots
         report += [f"![{name}]({name})" for name in compare_plots(results, out, title)]
     except ImportError:
         pass

@@ -28,7 +28,7 @@ from typing import Any
 
 from hvdtrain import __version__
 from hvdtrain.errors import ConfigError
-from hvdtrain.launch import TIMEOUT_EXIT, horovodrun_cmd, launcher_env, mpirun_cmd, run
+from hvdtrain.tools.launch import TIMEOUT_EXIT, horovodrun_cmd, launcher_env, mpirun_cmd, run
 from hvdtrain.layout import detect_layout
 
 MARK = "HVDTRAIN_DOCTOR "
@@ -74,14 +74,14 @@ def probe(name: str) -> dict[str, Any]:
 
 def run_probe(name: str, timeout: float) -> dict[str, Any]:
     """The child's report, or {"error": ...} when it could not run at all."""
-    result = run([sys.executable, "-m", "hvdtrain.doctor", "--probe", name], timeout=timeout)
+    result = run([sys.executable, "-m", "hvdtrain.tools.doctor", "--probe", name], timeout=timeout)
     marks = [ln[len(MARK):] for ln in result.stdout.splitlines() if ln.startswith(MARK)]
     return json.loads(marks[-1]) if marks else {"error": f"exited {result.returncode}: {_last_line(result.stdout)}"}
 
 
 def _last_line(text: str) -> str:
     """The line of a failed job's output most likely to say why (the last error, else the end)."""
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("[hvdtrain.launch]")]
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("[hvdtrain.tools.launch]")]
     errors = [ln for ln in lines if re.search(r"(Error|Exception|error:|failed|killed)", ln)]
     return (errors or lines or ["no output"])[-1][-300:]
 
@@ -174,7 +174,7 @@ SMOKES = (("mpi4py under mpirun", "mpi4py", "mpirun", ("mpi4py", "mpirun")),
 
 
 def smoke_command(kind: str, launcher: str, np: int) -> list[str]:
-    argv = ["hvdtrain.doctor", "--rank-smoke", kind]
+    argv = ["hvdtrain.tools.doctor", "--rank-smoke", kind]
     if launcher == "horovodrun-gloo":
         return horovodrun_cmd(np, argv, gloo=True)
     if kind == "mpi4py":  # as hvdtrain runs it: an exception on one rank aborts all

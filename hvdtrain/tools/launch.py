@@ -16,15 +16,20 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from hvdtrain.comm.env import EVERY_JOB, MCA_PREFIX, job_env_defaults
+
 TIMEOUT_EXIT = 124
 
 
-def launcher_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    """The environment for mpirun/horovodrun: root allowed (containers, CI), venv first on PATH."""
+def launcher_env(extra: dict[str, str] | None = None, np: int | None = None,
+                 hosts: str | None = None) -> dict[str, str]:
+    """The environment for mpirun/horovodrun: hvdtrain's MPI/Horovod settings for `np` ranks on
+    `hosts` (comm.env.job_env_defaults: in place before the ranks start, as some are read at
+    process start; without `np` only the layout-independent ones, and each rank adds the rest;
+    a value the user exported wins), root allowed (containers, CI), venv first on PATH."""
     env = dict(os.environ)
-    # torch reads this once, at its first allocation: huge pages for big buffers make MPI's
-    # shared-memory copies ~1.5x faster here (measurements in comm/allreduce_impls.py).
-    env.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+    for key, value in job_env_defaults(np, hosts).items():
+        env.setdefault(key, value)
     if os.geteuid() == 0:
         env.setdefault("OMPI_ALLOW_RUN_AS_ROOT", "1")
         env.setdefault("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
@@ -34,7 +39,8 @@ def launcher_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-FORWARD_VARS = ("PYTHONPATH", "PYTHONUNBUFFERED", "OMP_NUM_THREADS", "THP_MEM_ALLOC_ENABLE")
+FORWARD_VARS = ("PYTHONPATH", "PYTHONUNBUFFERED", "OMP_NUM_THREADS",
+                *(k for k in EVERY_JOB if not k.startswith(MCA_PREFIX)))
 """What ranks on other hosts need from the launcher's environment: mpirun sends OMPI_* by
 itself and the rest only with `-x` (horovodrun forwards its whole environment)."""
 _HOST = re.compile(r"[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?")
@@ -95,7 +101,9 @@ def horovodrun_cmd(np: int, argv: Sequence[str], gloo: bool = False, python_modu
 
 def run(cmd: Sequence[str], timeout: float, env: dict[str, str] | None = None,
         cwd: str | Path | None = None, capture: bool = True) -> subprocess.CompletedProcess:
-    """Run a job; on timeout kill its whole process group and return exit code 124."""
+    """Run a job in a session of its own; on timeout kill the whole session and return exit code
+    124. Whatever of the session outlives the launcher, or an interrupted wait (Ctrl-C), is killed
+    too: no rank of the job is left running."""
     proc = subprocess.Popen(list(cmd), env=env or launcher_env(), cwd=cwd, text=True,
                             stdout=subprocess.PIPE if capture else None,
                             stderr=subprocess.STDOUT if capture else None, start_new_session=True)
@@ -105,8 +113,10 @@ def run(cmd: Sequence[str], timeout: float, env: dict[str, str] | None = None,
     except subprocess.TimeoutExpired:
         kill_session(proc.pid)
         out, _ = proc.communicate()
-        note = f"\n[hvdtrain.launch] killed after {timeout:.0f} s timeout\n"
+        note = f"\n[hvdtrain.tools.launch] killed after {timeout:.0f} s timeout\n"
         return subprocess.CompletedProcess(list(cmd), TIMEOUT_EXIT, (out or "") + note)
+    finally:
+        kill_session(proc.pid)
 
 
 def kill_session(leader: int) -> None:

@@ -52,6 +52,11 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max())
 
 
+#: float64 runs that are the same update in exact arithmetic differ only in summation order: measured
+#: <= 9e-16 max relative error at 2 and 3 ranks (mpirun, horovodrun --gloo); README.md quotes this bound.
+EQUIV_TOL = 1e-14
+
+
 def reference(ds: Recorded, size: int, batch: int, epochs: int, lr: float) -> torch.Tensor:
     """One process, batch size*batch: each step concatenates every rank's batch (plain torch).
     Blocks and shuffles are written out here independently: contiguous blocks, the first n % size
@@ -86,7 +91,9 @@ def test_fit_horovod_equals_one_process_big_batch(hvd, shared_dir):
         loss=nn.MSELoss(), optimizer=functools.partial(torch.optim.SGD, lr=0.1))
     err = rel_err(flat_state(model), reference(ds, hvd.size(), batch=8, epochs=2, lr=0.1))
     print(f"fit: horovod x{hvd.size()} vs one process: max relative error {err:.3g}")
-    assert err < 1e-6
+    assert err < EQUIV_TOL
+    start = reference(ds, hvd.size(), batch=8, epochs=0, lr=0.1)  # rank 0's init, untrained
+    assert rel_err(flat_state(model), start) > 1e6 * EQUIV_TOL  # it trained: standing still fails the bound
 
 
 @requires_mpi
@@ -98,7 +105,7 @@ def test_fit_mpi_k1_equals_horovod(hvd, shared_dir):
     fit(hvd, m_mpi, ds, shared_dir / "mpi", backend="mpi", sync_every=1, alpha=1.0, **common)
     err = rel_err(flat_state(m_mpi), flat_state(m_hvd))
     print(f"fit: mpi k=1 vs horovod x{hvd.size()}: max relative error {err:.3g}")
-    assert err < 1e-6
+    assert err < EQUIV_TOL
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -183,4 +190,4 @@ def test_fit_ddp_equals_horovod(hvd, shared_dir):
     fit(hvd, m_ddp, ds, shared_dir / "ddp", backend="ddp", **common)
     err = rel_err(flat_state(m_ddp), flat_state(m_hvd))
     print(f"fit: ddp vs horovod x{hvd.size()}: max relative error {err:.3g}")
-    assert err < 1e-9
+    assert err < EQUIV_TOL

@@ -73,6 +73,9 @@ def reference_sgd(folder: Path, size: int, batch: int, epochs: int, lr: float, s
 
 
 SGD64 = dict(model={"dtype": "float64"}, optim={"name": "sgd", "lr": 0.05}, epochs=2, batch_size=8)
+#: float64 runs that are the same update in exact arithmetic differ only in summation order: measured
+#: <= 5e-16 max relative error at 2 and 3 ranks (mpirun, horovodrun --gloo); README.md quotes this bound.
+EQUIV_TOL = 1e-14
 
 
 def test_equivalence_horovod_equals_one_process_big_batch(hvd, shared_dir):
@@ -82,8 +85,10 @@ def test_equivalence_horovod_equals_one_process_big_batch(hvd, shared_dir):
     ref = reference_sgd(folder, hvd.size(), batch=8, epochs=2, lr=0.05, seed=3)
     err = rel_err(params, ref)
     print(f"equivalence 1 (horovod x{hvd.size()} vs 1 process): max relative error {err:.3g}")
-    assert err < 1e-6
-    assert rel_err(params, {k: torch.zeros_like(v) + 1 for k, v in params.items()}) > 1e-3  # it trained
+    assert err < EQUIV_TOL
+    start = reference_sgd(folder, hvd.size(), batch=8, epochs=0, lr=0.05, seed=3)  # the same init, untrained
+    print(f"moved from the start: max relative change {rel_err(params, start):.3g}")
+    assert rel_err(params, start) > 1e6 * EQUIV_TOL  # it trained: the bound above is not met by standing still
 
 
 @requires_mpi
@@ -95,7 +100,7 @@ def test_equivalence_mpi_k1_equals_horovod(hvd, shared_dir):
                                **common))
     err = rel_err(p_mpi, p_hvd)
     print(f"equivalence 2 (mpi k=1 vs horovod, x{hvd.size()}): max relative error {err:.3g}")
-    assert err < 1e-6
+    assert err < EQUIV_TOL
 
 
 @pytest.mark.parametrize("backend_name", BACKENDS)
