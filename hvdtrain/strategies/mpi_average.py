@@ -45,8 +45,8 @@ class FlatAverager:
     tensor is staged through a host buffer.
     """
 
-    def __init__(self, comm: Any, params: list[torch.Tensor], weight: float, alpha: float = 1.0,
-                 allreduce: str = "native") -> None:
+    def __init__(self, comm: Any, params: list[torch.Tensor], weight: float, alpha: float,
+                 allreduce: str) -> None:  # no defaults: SyncConfig's alpha and mpi_allreduce are the one definition
         self.comm, self.weight, self.alpha, self.allreduce = comm, weight, alpha, allreduce
         params = [p for p in params]
         dtype = params[0].dtype
