@@ -167,6 +167,8 @@ BAD = [
     ("hierarchy-text", ["--hierarchy", "a,b"], "'a,b'"),
     ("eval-every-negative", ["--eval-every", "-1"], "eval_every"),
     ("ddp-accumulation", ["--backend", "ddp", "--backward-passes-per-step", "2"], "backward_passes_per_step 1"),
+    # Horovod's local accumulation: the loop no longer applies it to the strategies that do not take it
+    ("single-accumulation", ["--backward-passes-per-step", "2"], "backend 'single' takes backward_passes_per_step 1"),
 ]
 
 
