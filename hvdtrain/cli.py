@@ -15,7 +15,7 @@ from typing import Any, Callable
 from hvdtrain import __version__
 from hvdtrain.config import (BY_KWARG, SETTINGS, field_default, load_config, overrides_from_kwargs,
                              parse_json_object)
-from hvdtrain.errors import EXIT_NUMERICAL, EXIT_USAGE, ConfigError
+from hvdtrain.errors import EXIT_FAILED, EXIT_NUMERICAL, EXIT_PREEMPTED, EXIT_USAGE, ConfigError
 
 
 class Parser(argparse.ArgumentParser):
@@ -126,7 +126,7 @@ def _fail(message: str, rank: int, size: int, abort: Callable[[int], None] | Non
 
 def cmd_train(args: argparse.Namespace) -> int:
     from hvdtrain.strategies import make_strategy
-    from hvdtrain.train import EXIT_PREEMPTED, NumericalError, Preempted, train
+    from hvdtrain.train import NumericalError, Preempted, train
 
     try:
         cfg = load_config(args.config, overrides_from(args))
@@ -160,8 +160,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         traceback.print_exc()
         sys.stderr.write(f"hvdtrain: rank {backend.rank} failed; ending the job\n")
         sys.stderr.flush()
-        backend.abort(1)
-        return 1
+        backend.abort(EXIT_FAILED)
+        return EXIT_FAILED
     if summary is not None:
         tail = (f"eval_accuracy {summary['eval_accuracy']:.4f}" if "eval_accuracy" in summary
                 else f"eval_loss {summary['eval_loss']:.5g}" if "eval_loss" in summary else "no eval data")

@@ -29,8 +29,6 @@ from hvdtrain.registry import Job, build_loss, build_model, build_optimizer, bui
 from hvdtrain.sources import RankData, open_data
 from hvdtrain.strategies.base import SyncStrategy
 
-EXIT_PREEMPTED = 99
-"""Exit code of a run stopped by SIGTERM/SIGUSR1 after writing its checkpoint: resume it."""
 
 
 class Preempted(Exception):
@@ -223,6 +221,7 @@ def _train(cfg: TrainConfig, strategy: SyncStrategy, stop_requested: Callable[[]
         "bytes_communicated": strategy.bytes_sent - bytes0,
         "bytes_per_step": (strategy.bytes_sent - bytes0) / max(1, step - start_step),
         "threads_per_rank": threads, "device": str(device), "data": opened["data"].source,
+        "mpi_settings": comm.mpi_settings,  # read back from Open MPI (MPI_T) when the comm started
         "parameters": sum(p.numel() for p in model.parameters()), "config": to_dict(cfg),
     }
     summary.update(strategy.summary(summary))  # hvdtrain: the strategy's own fields

@@ -29,8 +29,10 @@ def strict_json(text: str) -> Any:
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], str, Path]:
     out = tmp_path_factory.mktemp("bench-convergence")
-    cmd = [sys.executable, "-m", "hvdtrain", "bench", "convergence", "--tiny", "--np", str(NP), "--out", str(out),
-           "--network-label", "ci one host", "--timeout", "300"]
+    # --tiny, and one epoch with 3 evaluations per run (resnet: 8 steps = 2 k, the least the tool
+    # takes): 18 runs, each checked for sanity, not for how far it trains
+    cmd = [sys.executable, "-m", "hvdtrain", "bench", "convergence", "--tiny", "--epochs", "1", "--evals", "3",
+           "--np", str(NP), "--out", str(out), "--network-label", "ci one host", "--timeout", "300"]
     result = run(cmd, timeout=600)
     assert result.returncode == 0, result.stdout[-4000:]
     return strict_json((out / "convergence.json").read_text()), result.stdout, out

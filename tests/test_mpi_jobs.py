@@ -57,7 +57,7 @@ def test_training_job(name, launcher, backend, tmp_path):
     assert line.startswith(launcher) and f"--config {tmp_path}/elsewhere/run.toml" in line, line
     summary = json.loads((tmp_path / "elsewhere" / "out" / "summary.json").read_text())
     assert summary["backend"] == backend and summary["world_size"] == 2 and summary["steps"] > 0
-    assert summary["config"]["optim"]["lr"] == 0.02 and summary["sync_every"] == 3
+    assert summary["config"]["optim"]["lr"] == 0.02 and summary["config"]["sync"]["sync_every"] == 3
 
 
 @pytest.mark.mpi

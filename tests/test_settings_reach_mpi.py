@@ -68,6 +68,17 @@ def test_open_mpi_holds_hvdtrains_settings(how: str, tmp_path: Path) -> None:
     assert got == want and got[ALGORITHM] == HVDTRAIN_ALGORITHM, got
 
 
+def test_reader_reports_what_open_mpi_holds_and_nothing_without_mpi() -> None:
+    """One process (MPI's singleton start): None before MPI runs, then Open MPI's own values."""
+    code = ("import json; from hvdtrain.comm.env import effective_settings as read; before = read()\n"
+            "from mpi4py import MPI\nprint('READ', json.dumps([before, read()]))")
+    env = user_env(OMPI_MCA_coll_tuned_use_dynamic_rules="1", **{"OMPI_MCA_" + ALGORITHM: "3"})
+    result = run([sys.executable, "-c", code], timeout=120, env=env)
+    assert result.returncode == 0, result.stdout[-3000:]
+    before, after = json.loads(next(ln for ln in result.stdout.splitlines() if ln.startswith("READ "))[5:])
+    assert before is None and after[ALGORITHM] == 3 and after["coll_tuned_allreduce_algorithm_segmentsize"] == 0
+
+
 def test_the_users_exported_value_wins(tmp_path: Path) -> None:
     out = tmp_path / "run"
     env = user_env(**{"OMPI_MCA_" + ALGORITHM: "2"})

@@ -49,6 +49,9 @@ def make_comm(kind: str, collective_timeout: float) -> Comm:
             f"({', '.join(layout.variables)}) but the {kind} library sees rank {comm.rank} of "
             f"{comm.size}; launch --backend mpi with mpirun/srun --mpi=pmix (not horovodrun --gloo), "
             f"and use an mpi4py built against the launcher's MPI")
+    if kind != "single":  # what Open MPI holds now (MPI_T), for the run's summary; None without MPI
+        from hvdtrain.comm.env import effective_settings
+        comm.mpi_settings = effective_settings()
     _started[kind] = comm
     if kind in ("horovod", "ddp"):
         atexit.register(comm.shutdown)

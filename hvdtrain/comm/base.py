@@ -33,6 +33,9 @@ class Comm(ABC):
     """Rank layout plus small collectives (metrics, flags, objects) for every rank of the job."""
 
     kind: str = "base"
+    mpi_settings: dict[str, int] | None = None
+    """Open MPI's values of hvdtrain's settings, read back through MPI_T as the comm started
+    (comm/env.effective_settings); None where no MPI runs in the process."""
 
     def __init__(self, rank: int, size: int, local_rank: int, local_size: int) -> None:
         self.rank, self.size = rank, size

@@ -84,10 +84,11 @@ def horovod_env_defaults(size: int | None = None, local_size: int | None = None)
             size, local_size = layout.size, layout.local_size
         except ConfigError:  # malformed launcher variables: make_comm reports them; assume nothing
             size = local_size = None
-    env = dict(EVERY_JOB)
-    if size is not None and size == local_size:
-        env.update(ONE_HOST)
-    return env
+    return _settings(one_host=size is not None and size == local_size)
+
+
+def _settings(one_host: bool) -> dict[str, str]:
+    return {**EVERY_JOB, **(ONE_HOST if one_host else {})}
 
 
 def first_host_slots(hosts: str) -> int:
@@ -103,7 +104,7 @@ def job_env_defaults(np: int | None = None, hosts: str | None = None,
     host) says otherwise. With `np` unknown only the layout-independent settings go in; each rank
     then adds the rest from its own layout (make_comm)."""
     if np is None:
-        return horovod_env_defaults(size=0, local_size=-1)
+        return _settings(one_host=False)
     if local_size is None:
         local_size = np if hosts is None else min(np, first_host_slots(hosts))
     return horovod_env_defaults(size=np, local_size=local_size)
@@ -183,9 +184,9 @@ def mca_names() -> list[str]:
 def effective_settings() -> dict[str, int] | None:
     """The values Open MPI holds, in this rank, for hvdtrain's MCA settings, read back through the
     MPI_T interface of the already loaded libmpi: e.g. {"coll_tuned_allreduce_algorithm": 5,
-    "mpi_yield_when_idle": 1, ...}. Call it after MPI started (make_comm). None where no Open MPI
-    library is loaded (single, ddp, Horovod over Gloo) or it has no MPI_T; a parameter Open MPI
-    does not know (its component is not loaded) is left out."""
+    "mpi_yield_when_idle": 1, ...}. Call it after MPI started (make_comm), before it ends. None
+    where MPI is not running in this process (single, ddp, Horovod over Gloo) or has no MPI_T; a
+    parameter Open MPI does not know (its component is not built) is left out."""
     from hvdtrain.comm.mpit import read_cvars
     return read_cvars(mca_names())
 

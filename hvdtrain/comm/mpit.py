@@ -50,7 +50,8 @@ def _datatypes(lib: ctypes.CDLL) -> dict[int, tuple[str, int]]:
 def read_cvars(names: list[str]) -> dict[str, int | float] | None:
     """{name: value} of the MPI_T control variables `names` (full names, e.g.
     "coll_tuned_allreduce_algorithm"), read in this process; names MPI does not know are left
-    out. None when no libmpi is loaded or it lacks MPI_T."""
+    out. None unless a loaded libmpi with MPI_T is running MPI (initialised, not finalised): a
+    library that is only loaded (Horovod over Gloo) would report the environment, not a job."""
     path = loaded_libmpi()
     if path is None:
         return None
@@ -59,7 +60,12 @@ def read_cvars(names: list[str]) -> dict[str, int | float] | None:
         init, get_index = lib.MPI_T_init_thread, lib.MPI_T_cvar_get_index
         alloc, read, free = lib.MPI_T_cvar_handle_alloc, lib.MPI_T_cvar_read, lib.MPI_T_cvar_handle_free
         info = lib.MPI_T_cvar_get_info
+        initialized, finalized = ctypes.c_int(), ctypes.c_int()
+        lib.MPI_Initialized(ctypes.byref(initialized))
+        lib.MPI_Finalized(ctypes.byref(finalized))
     except (OSError, AttributeError):
+        return None
+    if not initialized.value or finalized.value:
         return None
     get_index.argtypes = [ctypes.c_char_p, ctypes.POINTER(ctypes.c_int)]
     alloc.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_int)]

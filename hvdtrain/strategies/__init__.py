@@ -41,6 +41,9 @@ def strategy_class(name: str) -> type["SyncStrategy"]:
 def make_strategy(cfg: "TrainConfig") -> "SyncStrategy":
     """Start the strategy's communication library (once per process) and the strategy on it."""
     from hvdtrain.comm import make_comm
+    if cfg.sync.backend != "single":  # before a strategy module's import can start MPI (mpi4py.MPI)
+        from hvdtrain.comm.env import apply_env_defaults
+        apply_env_defaults(cfg.collective_timeout)
     cls = strategy_class(cfg.sync.backend)
     if cfg.sync.elastic:  # config allows it with backend horovod only
         from hvdtrain.strategies.elastic import ElasticHorovod

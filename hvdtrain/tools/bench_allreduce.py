@@ -147,7 +147,7 @@ def job_env(impl: str, np: int | None = None, hosts: str | None = None) -> dict[
     variant run as a user would get them. It goes in at launch because some of it is read
     once at process start (THP_MEM_ALLOC_ENABLE at the first tensor allocation, OMPI_MCA_*
     at MPI_Init), before any hvdtrain code could set it."""
-    path = [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")]
+    path = [str(Path(__file__).resolve().parents[2]), os.environ.get("PYTHONPATH")]
     env = launcher_env({"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
                         "PYTHONPATH": os.pathsep.join(p for p in path if p)})
     if impl in HVDTRAIN_CONFIGURED:

@@ -33,6 +33,7 @@ from typing import Any
 from hvdtrain import data as D
 from hvdtrain.tools import tables
 from hvdtrain.checkpoint import atomic_write_text
+from hvdtrain.config import BY_KWARG, field_default
 from hvdtrain.errors import ConfigError
 from hvdtrain.strategies import STRATEGIES, Variant
 
@@ -385,7 +386,7 @@ def build_parser() -> Any:
     p.add_argument("--slow-rank-factor", type=float, default=0.0,
                    help="the last rank's steps take F times as long (hvdtrain.examples.throttle; cnn and "
                         "resnet only); 0: no rank slowed")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=field_default(BY_KWARG["seed"]))
     p.add_argument("--out", default="runs/bench-convergence")
     p.add_argument("--tiny", action="store_true", help="CI settings: one lr, a few steps, small data, k=4")
     p.add_argument("--hosts-from-env", action="store_true",

@@ -240,7 +240,7 @@ def job_env(env: str, np: int) -> dict[str, str]:
     bench allreduce does; the user's exported values win); stock rows none of it, unless exported."""
     from hvdtrain.comm.env import job_env_defaults
     base = launcher_env({"PYTHONUNBUFFERED": "1", "PYTHONPATH": os.pathsep.join(
-        p for p in (str(Path(__file__).resolve().parents[1]), os.getcwd(), os.environ.get("PYTHONPATH")) if p)})
+        p for p in (str(Path(__file__).resolve().parents[2]), os.getcwd(), os.environ.get("PYTHONPATH")) if p)})
     for key, value in job_env_defaults(np).items():
         if env == "hvdtrain":
             base.setdefault(key, value)

@@ -27,6 +27,7 @@ from typing import Any
 
 from hvdtrain import data as D
 from hvdtrain.checkpoint import atomic_write_text
+from hvdtrain.config import BY_KWARG, field_default
 from hvdtrain.tools import tables
 from hvdtrain.tools.launch import horovodrun_cmd, mpirun_args, run
 
@@ -242,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1, help="torch threads per rank")
     p.add_argument("--sync-every", default="1,16", help="MPI fallback k values, comma-separated")
     p.add_argument("--repeat", type=int, default=1, help="runs per row, interleaved; the median counts")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=field_default(BY_KWARG["seed"]))
     p.add_argument("--memory-rows", type=int, default=0, help="rows for the peak-RSS check (0: skip)")
     p.add_argument("--memory-base-rows", type=int, default=20_000, help="rows of its tiny reference set")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per run")
