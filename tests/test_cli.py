@@ -20,9 +20,16 @@ def test_package_imports_with_version():
 
 
 def test_version_from_console_script_and_module():
+    import platform
+    from importlib import metadata
+    expected = [f"hvdtrain {hvdtrain.__version__} (Python {platform.python_version()})",
+                *(f"{dist} {metadata.version(dist)}" for dist in ("torch", "horovod", "mpi4py"))]
+    mpi = subprocess.run(["mpirun", "--version"], capture_output=True, text=True, timeout=30).stdout
+    version = mpi.split("\n")[0].split()[-1]  # "mpirun (Open MPI) 4.1.4"
     script = run_job([str(__import__("pathlib").Path(sys.executable).parent / "hvdtrain"), "--version"], timeout=60)
-    assert script.returncode == 0 and script.stdout.strip() == f"hvdtrain {hvdtrain.__version__}"
-    assert hvdtrain_cli("--version").stdout.strip() == f"hvdtrain {hvdtrain.__version__}"
+    for result in (script, hvdtrain_cli("--version")):
+        assert result.returncode == 0 and result.stdout.splitlines() == [*expected, f"MPI Open MPI v{version}"], \
+            result.stdout
 
 
 def test_single_process_training_writes_outputs(tmp_path):
