@@ -1,15 +1,22 @@
-"""Checkpoints: written atomically by rank 0, loaded with weights_only=True (no code runs on load)."""
+"""Checkpoints: written atomically by rank 0, loaded with weights_only=True (no code runs on load).
+
+Also the one way hvdtrain writes its files (`atomic_write`, `writing`): a write that fails (disk
+full, read-only, no permission, quota) becomes a WriteError naming the path and the reason, and
+leaves no temporary file and nothing partial under the final name.
+"""
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import re
-import tempfile
+import secrets
 from pathlib import Path
-from typing import IO, Any, Callable
+from typing import IO, Any, Callable, Iterator
 
 import torch
 
-from hvdtrain.errors import ConfigError
+from hvdtrain.errors import ConfigError, WriteError
 
 FORMAT = 1
 _NAME = re.compile(r"^ckpt-(\d{8})\.pt$")
@@ -20,7 +27,7 @@ def _atomic_write(path: str | Path, mode: str, write: Callable[[IO[Any]], None])
     readers see the old file or the new one, never a torn one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = _temp_file(path)
     try:
         with os.fdopen(fd, mode) as f:
             write(f)
@@ -32,12 +39,127 @@ def _atomic_write(path: str | Path, mode: str, write: Callable[[IO[Any]], None])
         raise
 
 
+def _temp_file(path: Path) -> tuple[int, str]:
+    """A new, empty `.NAME.XXXX.tmp` beside `path`, opened for writing. Created with mode 0666 so the
+    umask applies (0644 under 022), as for any file a program writes: mkstemp's 0600 would survive the
+    rename and leave the run unreadable to the project's group."""
+    while True:
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666), str(tmp)
+        except FileExistsError:
+            continue
+
+
+_FIXES = {errno.ENOSPC: "free space or choose another --out",
+          errno.EDQUOT: "free space within your quota or choose another --out",
+          errno.EROFS: "choose another --out on a writable file system",
+          errno.EACCES: "make it writable for this user or choose another --out",
+          errno.EPERM: "make it writable for this user (or not immutable) or choose another --out"}
+
+
+def write_error(path: str | Path, exc: OSError) -> WriteError:
+    """The WriteError for `exc` raised while writing `path`: 'cannot write PATH: REASON (ENAME); FIX'."""
+    code = exc.errno
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    name = f" ({errno.errorcode[code]})" if code in errno.errorcode else ""
+    fix = _FIXES.get(code, "check the file system or choose another --out")  # type: ignore[arg-type]
+    return WriteError(str(path), code, reason, f"cannot write {path}: {reason}{name}; {fix}")
+
+
+@contextlib.contextmanager
+def writing(path: str | Path) -> Iterator[None]:
+    """Around a write of `path`: an OSError becomes the WriteError naming `path`."""
+    try:
+        yield
+    except WriteError:
+        raise
+    except OSError as exc:
+        raise write_error(path, exc) from None
+
+
+def atomic_write(path: str | Path, mode: str, write: Callable[[IO[Any]], None]) -> None:
+    """Write `path` through `write(file)` atomically (a temp file beside it, fsync, rename): on any
+    failure the temp file is removed, the old `path` is untouched, and an OSError is a WriteError."""
+    with writing(path):
+        _atomic_write(path, mode, write)
+
+
+class _Recorder:
+    """The file torch.save writes into, remembering the OSError of a failed write: torch's writer
+    reports it as `RuntimeError: [enforce fail at inline_container.cc] unexpected pos ...`."""
+
+    def __init__(self, f: IO[bytes]) -> None:
+        self.f, self.error = f, None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def _torch_save(obj: Any, f: IO[bytes]) -> None:
+    """torch.save into `f`; a failed write raises the OSError beneath torch's RuntimeError (or
+    ENOSPC when that error is lost and the file system is full)."""
+    recorder = _Recorder(f)
+    try:
+        torch.save(obj, recorder)
+    except RuntimeError as exc:
+        hidden = recorder.error or next((e for e in _chain(exc) if isinstance(e, OSError)), None)
+        if hidden is not None:
+            raise hidden from None
+        st = os.fstatvfs(f.fileno())
+        if st.f_bavail * st.f_frsize < 1 << 20:  # under 1 MiB free: the write ran out of space
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)) from None
+        raise
+
+
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+
+
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
-    _atomic_write(path, "wb", lambda f: torch.save(obj, f))
+    atomic_write(path, "wb", lambda f: _torch_save(obj, f))
 
 
 def atomic_write_text(text: str, path: str | Path) -> None:
-    _atomic_write(path, "w", lambda f: f.write(text))
+    atomic_write(path, "w", lambda f: f.write(text))
+
+
+def append_text(text: str, path: str | Path) -> None:
+    """Append `text` to `path` (a JSONL log), all or nothing: a write that fails is cut back off,
+    so the file never ends in a torn line; WriteError names `path`."""
+    with writing(path), open(path, "ab", buffering=0) as f:
+        data, start = memoryview(text.encode()), os.fstat(f.fileno()).st_size
+        try:
+            while data:
+                written = f.write(data)
+                if not written:
+                    raise OSError(errno.EIO, f"short write to {path}")
+                data = data[written:]
+        except OSError:
+            with contextlib.suppress(OSError):
+                f.truncate(start)
+            raise
+
+
+def spread_write_error(comm: Any, error: WriteError | None) -> None:
+    """Every rank calls this at the same point: a write that failed on any rank raises the same
+    WriteError on every rank (one small allgather), so none is left waiting in a collective."""
+    found = comm.allgather_object(None if error is None else
+                                  (error.path, error.errno, error.reason, error.message))
+    first = next((e for e in found if e is not None), None)
+    if first is not None:
+        raise WriteError(*first, everywhere=True)
 
 
 def checkpoint_path(folder: str | Path, step: int) -> Path:
@@ -55,10 +177,11 @@ def latest_checkpoint(folder: str | Path) -> Path | None:
 def save_checkpoint(folder: str | Path, step: int, payload: dict[str, Any], keep: int = 3) -> Path:
     """Write ckpt-<step>.pt atomically and keep only the newest `keep` checkpoints."""
     path = checkpoint_path(folder, step)
-    atomic_torch_save({"format": FORMAT, **payload}, path)
+    atomic_torch_save({"format": FORMAT, **payload}, path)  # a failure leaves the older ones as they are
     old = sorted(p for p in Path(folder).iterdir() if _NAME.match(p.name))[:-keep]
     for p in old:
-        p.unlink(missing_ok=True)
+        with writing(p):
+            p.unlink(missing_ok=True)
     return path
 
 
@@ -93,14 +216,20 @@ def rank_state(model: Any, optimizer: Any, extras: dict[str, Any]) -> dict[str, 
 def save_run(out: str | Path, comm: Any, strategy: Any, model: Any, optimizer: Any, step: int,
              extras: dict[str, Any], layout: dict[str, Any]) -> Path | None:
     """Rank 0 writes one copy when replicas agree, else every rank's state (gathered). `layout`
-    (steps_per_epoch, weights) lets a run resume at another world size."""
+    (steps_per_epoch, weights) lets a run resume at another world size. A failed write raises
+    WriteError on every rank (rank 0's line names the file)."""
     mine = rank_state(model, optimizer, extras)
     states = [mine] if strategy.replicas_identical else comm.gather_object(mine)
-    if comm.rank != 0:
-        return None
-    payload = {"step": step, "world_size": comm.size, "backend": strategy.name,
-               "fingerprint": fingerprint(model), "ranks": states, **layout}
-    return save_checkpoint(Path(out) / "checkpoints", step, payload)
+    path, error = None, None
+    if comm.rank == 0:
+        payload = {"step": step, "world_size": comm.size, "backend": strategy.name,
+                   "fingerprint": fingerprint(model), "ranks": states, **layout}
+        try:
+            path = save_checkpoint(Path(out) / "checkpoints", step, payload)
+        except WriteError as exc:
+            error = exc
+    spread_write_error(comm, error)  # hvdtrain: every rank stops here when rank 0's write failed
+    return path
 
 
 def _mix(values: list[Any], weights: list[float]) -> Any:

@@ -12,10 +12,10 @@ import sys
 import time
 from typing import Any, Callable
 
-from hvdtrain import __version__
-from hvdtrain.config import (BY_KWARG, SETTINGS, field_default, load_config, overrides_from_kwargs,
-                             parse_json_object)
-from hvdtrain.errors import EXIT_FAILED, EXIT_NUMERICAL, EXIT_PREEMPTED, EXIT_USAGE, ConfigError
+from hvdtrain.config import (BY_KWARG, SETTINGS, describe_rule, field_default, load_config,
+                             overrides_from_kwargs, parse_json_object)
+from hvdtrain.errors import (EXIT_FAILED, EXIT_NUMERICAL, EXIT_PREEMPTED, EXIT_USAGE, EXIT_WRITE, ConfigError,
+                             WriteError)
 
 
 class Parser(argparse.ArgumentParser):
@@ -61,7 +61,8 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
         if s.section not in groups:
             groups[s.section] = p.add_argument_group(f"[{s.section}]" if s.section else "run")
         key = f"{s.section}.{s.key}" if s.section else s.key
-        text = f"{s.help} (TOML {key}; default {defaults[key]!r})".replace("%", "%%")
+        applies = f"; applies to: {describe_rule(s.kwarg)}" if describe_rule(s.kwarg) else ""
+        text = f"{s.help} (TOML {key}; default {defaults[key]!r}{applies})".replace("%", "%%")
         dest = s.flag[2:].replace("-", "_")
         if s.kind == "bool":
             groups[s.section].add_argument(s.flag, dest=dest, action="store_true", default=None, help=text)
@@ -98,18 +99,37 @@ def check_train_args(argv: list[str]) -> None:
 
 
 class StopFlag:
-    """SIGTERM / SIGUSR1 (Slurm's --signal, a time limit, preemption) ask for a clean stop."""
+    """A clean stop on request: SIGTERM / SIGUSR1 (Slurm's --signal, a time limit, preemption) and
+    SIGINT (Ctrl-C; mpirun turns it into SIGTERM for its ranks, see comm.env.MPIRUN) set a flag
+    that the ranks vote on at the next metrics flush (--log-every): every rank stops at the same
+    step, writes a checkpoint and exits 99 (EXIT_PREEMPTED) with one line, no traceback. A SIGINT
+    after a stop was requested (a second Ctrl-C) stops this process at once: one line, exit 130,
+    no checkpoint (the last one stays; under a launcher the job ends with this rank)."""
 
     def __init__(self) -> None:
         self.requested = False
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
             signal.signal(sig, self._set)
 
     def _set(self, signum: int, frame: Any) -> None:
+        if signum == signal.SIGINT and self.requested:
+            if _layout_rank() == 0:
+                sys.stderr.write("hvdtrain: interrupted again; stopped at once, without a new checkpoint\n")
+                sys.stderr.flush()
+            os._exit(128 + signal.SIGINT)
         self.requested = True
 
     def __call__(self) -> bool:
         return self.requested
+
+
+def _layout_rank() -> int:
+    """This process's rank from the launcher's variables (0 when there are none, or they are bad)."""
+    from hvdtrain.layout import detect_layout
+    try:
+        return detect_layout(os.environ).rank
+    except ConfigError:
+        return 0
 
 
 def _fail(message: str, rank: int, size: int, abort: Callable[[int], None] | None, code: int) -> int:
@@ -125,6 +145,7 @@ def _fail(message: str, rank: int, size: int, abort: Callable[[int], None] | Non
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    stop = StopFlag()  # before torch is imported: from here on Ctrl-C is a clean stop
     from hvdtrain.strategies import make_strategy
     from hvdtrain.train import NumericalError, Preempted, train
 
@@ -133,7 +154,6 @@ def cmd_train(args: argparse.Namespace) -> int:
         if cfg.sync.elastic:  # hvdtrain: checked before Horovod starts
             from hvdtrain.strategies.elastic import check_launcher
             check_launcher(os.environ)
-        stop = StopFlag()
         strategy = make_strategy(cfg)
     except ConfigError as exc:
         return _fail(str(exc), 0, 1, None, EXIT_USAGE)
@@ -155,12 +175,14 @@ def cmd_train(args: argparse.Namespace) -> int:
             sys.stderr.write(f"hvdtrain: {exc}\n")
         backend.shutdown()
         return EXIT_PREEMPTED
-    except BaseException:
-        import traceback
-        traceback.print_exc()
-        sys.stderr.write(f"hvdtrain: rank {backend.rank} failed; ending the job\n")
-        sys.stderr.flush()
-        backend.abort(EXIT_FAILED)
+    except WriteError as exc:  # raised on every rank together, or on rank 0 alone after the others finished
+        if backend.rank == 0 or not exc.everywhere:
+            sys.stderr.write(f"hvdtrain: error{f' (rank {backend.rank})' if backend.rank else ''}: {exc}\n")
+        backend.shutdown()
+        return EXIT_WRITE
+    except BaseException:  # the user's code raised while training (or a bug): one traceback, one rank
+        from hvdtrain.guard import end_job_after_error
+        end_job_after_error(backend.rank, backend.size, backend.abort, EXIT_FAILED, cfg.collective_timeout)
         return EXIT_FAILED
     if summary is not None:
         tail = (f"eval_accuracy {summary['eval_accuracy']:.4f}" if "eval_accuracy" in summary
@@ -189,9 +211,17 @@ def cmd_data_make(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Version(argparse.Action):
+    def __call__(self, parser: argparse.ArgumentParser, *args: Any, **kwargs: Any) -> None:
+        from hvdtrain.versions import report
+        print(report())
+        parser.exit()
+
+
 def build_parser() -> Parser:
     parser = Parser(prog="hvdtrain", description="Data-parallel PyTorch training over MPI and Horovod.")
-    parser.add_argument("--version", action="version", version=f"hvdtrain {__version__}")
+    parser.add_argument("--version", action=_Version, nargs=0,
+                        help="print hvdtrain's version and those of torch, Horovod, mpi4py and MPI")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
     train = sub.add_parser("train", help="train a model on this rank's data block")
@@ -224,11 +254,15 @@ FORWARDED = {
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] in FORWARDED:  # sub-commands with a parser of their own
-        import importlib
-        return int(importlib.import_module(FORWARDED[argv[0]][0]).main(argv[1:]))
-    args = build_parser().parse_args(argv)
-    return int(args.func(args))
+    try:
+        if argv and argv[0] in FORWARDED:  # sub-commands with a parser of their own
+            import importlib
+            return int(importlib.import_module(FORWARDED[argv[0]][0]).main(argv[1:]))
+        args = build_parser().parse_args(argv)
+        return int(args.func(args))
+    except KeyboardInterrupt:  # Ctrl-C before a command's own handling is in place (`train`: StopFlag)
+        sys.stderr.write("hvdtrain: interrupted\n")
+        return 128 + signal.SIGINT
 
 
 if __name__ == "__main__":

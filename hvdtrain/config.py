@@ -30,6 +30,12 @@ MPI_ALLREDUCES = ("auto", "native", "ring")
 LR_SCHEDULES = ("constant", "cosine")
 AMP_MODES = ("none", "bf16", "fp16")
 OUTER_OPTIMIZERS = ("none", "sgd", "nesterov")
+FLOAT32_MAX = 3.4028234663852886e38
+"""The largest lr: torch converts it to the parameters' dtype, float32 by default."""
+THREADS_MAX = 1024
+"""The most torch threads per rank (OpenMP fails to create many more and the process crashes)."""
+TIMEOUT_MAX = 2 ** 31 - 1
+"""The largest collective_timeout in seconds (Horovod's stall settings are C ints; 0 means never)."""
 
 
 def _registered(kind: str) -> tuple[str, ...]:
@@ -67,13 +73,13 @@ class DataConfig:
     path: str = "regression"
     """A folder written by `hvdtrain data make`, or a built-in name (regression, digits)."""
     rows: int = 100_000
-    """Rows to generate when `path` is a built-in name (ignored for a folder)."""
+    """Rows to generate for the built-in `regression` set (a folder, `digits` or a Dataset brings its own)."""
     partition: str = "block"
     """How samples are split across ranks: `block` (contiguous) or `random` (seeded)."""
     num_workers: int = 0
-    """DataLoader worker processes per rank for a Dataset (0 = load in the training process)."""
+    """DataLoader worker processes per rank for a Dataset (`--data MODULE:ATTR` or `fit`; 0 = load in the training process)."""
     pin_memory: bool = False
-    """DataLoader pin_memory for a Dataset (faster host-to-GPU copies)."""
+    """DataLoader pin_memory for a Dataset (`--data MODULE:ATTR` or `fit`; faster host-to-GPU copies, on a GPU)."""
 
     def __post_init__(self) -> None:
         _check(self.partition in PARTITIONS,
@@ -114,9 +120,9 @@ class OptimConfig:
     lr: float = 0.01
     """Learning rate (per step, not scaled by world size unless `scale_lr`)."""
     momentum: float = 0.0
-    """SGD momentum."""
+    """Momentum of the built-in `sgd` (another optimizer takes its own in `args`)."""
     scale_lr: bool = False
-    """Horovod only: multiply lr by world size (the usual rule when the global batch grows)."""
+    """Horovod and DDP (gradient averaging): multiply lr by world size (the usual rule when the global batch grows)."""
     lr_schedule: str = "constant"
     """`constant`, or `cosine`: linear warm-up over warmup_steps, then cosine decay to 0."""
     warmup_steps: int = 0
@@ -130,7 +136,9 @@ class OptimConfig:
                                                  f"of {', '.join(LR_SCHEDULES)}")
         _check(isinstance(self.warmup_steps, int) and self.warmup_steps >= 0,
                f"warmup_steps must be an integer >= 0, got {self.warmup_steps!r}; use e.g. --warmup-steps 100")
-        _check(math.isfinite(self.lr) and self.lr > 0, f"lr must be > 0, got {self.lr!r}; use e.g. --lr 0.01")
+        _check(math.isfinite(self.lr) and 0 < self.lr <= FLOAT32_MAX,
+               f"lr must be > 0 (and at most {FLOAT32_MAX:.3g}: torch applies it in float32), got {self.lr!r}; "
+               f"use e.g. --lr 0.01")
         _check(math.isfinite(self.momentum) and 0 <= self.momentum < 1,
                f"momentum must be in [0, 1), got {self.momentum!r}; use e.g. --momentum 0.9")
 
@@ -183,7 +191,7 @@ class SyncConfig:
                f"use e.g. --warmup-allreduce-steps 100")
         _check(self.outer_optimizer in OUTER_OPTIMIZERS, f"outer_optimizer {self.outer_optimizer!r} is unknown; "
                                                          f"use one of {', '.join(OUTER_OPTIMIZERS)}")
-        _check(math.isfinite(self.outer_lr) and self.outer_lr > 0,
+        _check(math.isfinite(self.outer_lr) and 0 < self.outer_lr <= FLOAT32_MAX,
                f"outer_lr must be > 0, got {self.outer_lr!r}; use e.g. --outer-lr 0.7")
         _check(math.isfinite(self.outer_momentum) and 0 <= self.outer_momentum < 1,
                f"outer_momentum must be in [0, 1), got {self.outer_momentum!r}; use e.g. --outer-momentum 0.9")
@@ -202,18 +210,11 @@ class SyncConfig:
                and self.sync_every_seconds >= 0,
                f"sync_every_seconds must be a number >= 0, got {self.sync_every_seconds!r}; "
                f"use e.g. --sync-every-seconds 2 (0: every --sync-every steps)")
-        if self.sync_every_seconds:
-            _check(self.hierarchy is None and self.warmup_allreduce_steps == 0,
-                   "sync_every_seconds replaces the step counts of --hierarchy and --warmup-allreduce-steps; "
-                   "use one of them")
         _check(isinstance(self.backward_passes_per_step, int) and self.backward_passes_per_step >= 1,
                f"backward_passes_per_step must be >= 1, got {self.backward_passes_per_step!r}; use 1")
         _check(isinstance(self.elastic_commit_every, int) and self.elastic_commit_every >= 1,
                f"elastic_commit_every must be an integer >= 1, got {self.elastic_commit_every!r}; "
                f"use e.g. --elastic-commit-every 10")
-        _check(not self.elastic or self.backend == "horovod",
-               f"--elastic is Horovod elastic training but backend is {self.backend!r}; use --backend horovod "
-               f"under horovodrun --gloo, or drop --elastic")
         if self.weights is not None:
             self.weights = tuple(float(w) for w in self.weights)
             _check(all(math.isfinite(w) and w >= 0 for w in self.weights),
@@ -268,26 +269,18 @@ class TrainConfig:
                f"log_every must be >= 1, got {self.log_every!r}; use e.g. --log-every 10")
         _check(isinstance(self.eval_every, int) and self.eval_every >= 0,
                f"eval_every must be an integer >= 0, got {self.eval_every!r}; use 0 for only at the end")
-        _check(isinstance(self.threads, int) and self.threads >= 0,
-               f"threads must be >= 0, got {self.threads!r}; use 0 for cores / local ranks")
+        _check(isinstance(self.threads, int) and 0 <= self.threads <= THREADS_MAX,
+               f"threads must be in [0, {THREADS_MAX}], got {_show(self.threads)}; use 0 for cores / local ranks")
         _check(bool(str(self.out)), "out must name a folder; use --out DIR")
-        _check(math.isfinite(self.collective_timeout) and self.collective_timeout >= 0,
-               f"collective_timeout must be >= 0 seconds, got {self.collective_timeout!r}; use 0 to disable")
+        _check(math.isfinite(self.collective_timeout) and (self.collective_timeout == 0 or
+                                                          1 <= self.collective_timeout <= TIMEOUT_MAX),
+               f"collective_timeout must be 0 (never) or 1 to {TIMEOUT_MAX} seconds (Horovod's stall check counts "
+               f"whole seconds in a C int), got {self.collective_timeout!r}; use e.g. --collective-timeout 300")
         _check(isinstance(self.seed, int) and self.seed >= 0,
                f"seed must be an integer >= 0, got {self.seed!r}; use e.g. --seed 0")
         if self.loss != "auto":
             _check_name("loss", self.loss, "--loss")
         _check(self.amp in AMP_MODES, f"amp {self.amp!r} is unknown; use one of {', '.join(AMP_MODES)}")
-        if self.sync.elastic:  # Horovod's elastic state lives in the workers' memory (strategies/elastic.py)
-            unsupported = [flag for flag, used in (
-                ("--resume", self.resume), ("--checkpoint-every (commits: --elastic-commit-every)",
-                                            self.checkpoint_every > 0),
-                ("--amp fp16", self.amp == "fp16"),
-                ("--lr-schedule/--warmup-steps", self.optim.lr_schedule != "constant" or self.optim.warmup_steps > 0))
-                if used]
-            _check(not unsupported, f"--elastic does not support {', '.join(unsupported)}: Horovod's elastic "
-                                    f"state is held in memory and holds no checkpoint file, grad scaler or lr "
-                                    f"scheduler; drop {'it' if len(unsupported) == 1 else 'them'} or --elastic")
 
 
 SECTIONS = {"data": DataConfig, "model": ModelConfig, "optim": OptimConfig, "sync": SyncConfig}
@@ -312,6 +305,35 @@ def _kind_error(value: Any, default: Any) -> str | None:
     return None
 
 
+INT_LIMIT = 2 ** 63
+"""Integer settings stay below this (torch and numpy take int64: seeds, sizes, counts)."""
+
+
+def _range_error(value: Any, kind: str) -> str | None:
+    """Why a value of the right kind cannot be used at all: an integer beyond int64, a number
+    beyond a float. `kind` is the setting's (_kind: int, ints, float, floats, ...)."""
+    for v in value if isinstance(value, (list, tuple)) else [value]:
+        if isinstance(v, bool) or not isinstance(v, int):
+            continue
+        if kind in ("float", "floats"):
+            try:
+                float(v)
+            except OverflowError:
+                return "a number must fit in a float"
+        elif not -INT_LIMIT <= v < INT_LIMIT:
+            return "integers must lie in [-2**63, 2**63)"
+    return None
+
+
+def _show(value: Any) -> str:
+    """repr for a message, short (a 5000-digit integer has no repr: Python limits int to str)."""
+    try:
+        text = repr(value)
+    except ValueError:
+        return f"an integer of {value.bit_length()} bits"
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 def _build(cls: type, values: dict[str, Any], where: str) -> Any:
     known = {f.name: f for f in fields(cls)}
     unknown = sorted(set(values) - set(known))
@@ -325,25 +347,41 @@ def _build(cls: type, values: dict[str, Any], where: str) -> Any:
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         kind = _kind_error(value, default)
         if kind:
-            raise ConfigError(f"config key {where}{key} must be {kind}, got {value!r}; fix its value")
+            raise ConfigError(f"config key {where}{key} must be {kind}, got {_show(value)}; fix its value")
+        bad = _range_error(value, _kind(str(f.type)))
+        if bad:
+            flag = SHORT_FLAGS.get((where.rstrip("."), key), "--" + key.replace("_", "-"))
+            raise ConfigError(f"{flag} (TOML {where}{key}) {_show(value)} is out of range: {bad}; use a value in range")
     try:
         return cls(**values)
     except TypeError as exc:  # wrong type in a TOML value, e.g. a list where a number belongs
         raise ConfigError(f"bad value in {where or 'config'}: {exc}") from None
 
 
-def load_config(path: str | None = None, overrides: dict[str, dict[str, Any] | Any] | None = None) -> TrainConfig:
-    """Merge defaults < TOML file < overrides (same nested shape as the TOML) and validate."""
+def load_config(path: str | None = None, overrides: dict[str, dict[str, Any] | Any] | None = None, *,
+                origin: str = "flag", supplied: Mapping[str, str] | None = None) -> TrainConfig:
+    """Merge defaults < TOML file < overrides (same nested shape as the TOML), validate the values,
+    then check every setting off its default against what it applies to (APPLIES).
+
+    origin    how the overrides were given, for messages: "flag" (the CLI) or "keyword" (`fit`)
+    supplied  the objects `fit` was given instead of settings: argument -> what it is, e.g.
+              {"model": "nn.Module", "train_data": "Dataset", "optimizer": "callable"}
+    """
     raw: dict[str, Any] = {}
-    if path:
+    if path is not None:  # "" too: an empty --config names no file
         p = Path(path)
         _check(p.is_file(), f"config file {path!r} does not exist; pass an existing TOML file to --config")
         try:
-            raw = tomllib.loads(p.read_text())
+            raw = tomllib.loads(p.read_text(encoding="utf-8"))
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise ConfigError(f"config file {path!r} is not valid TOML ({exc}); fix the syntax") from None
+        except OSError as exc:
+            raise ConfigError(f"config file {path!r} cannot be read ({exc.strerror}); pass a readable TOML "
+                              f"file to --config") from None
+    from_toml = _keys(raw)
+    from_overrides = _keys(overrides or {})
     for key, value in (overrides or {}).items():
-        if isinstance(value, dict):
+        if key in SECTIONS and isinstance(value, dict):
             raw.setdefault(key, {})
             _check(isinstance(raw[key], dict), f"config key {key!r} must be a [{key}] table; write it as [{key}]")
             raw[key].update(value)
@@ -354,7 +392,16 @@ def load_config(path: str | None = None, overrides: dict[str, dict[str, Any] | A
         section = raw.get(name, {})
         _check(isinstance(section, dict), f"config key {name!r} must be a [{name}] table; write it as [{name}]")
         top[name] = _build(cls, section, f"{name}.")
-    return _build(TrainConfig, top, "")
+    auto = raw.get("sync", {}).get("backend", "auto") == "auto"
+    cfg = _build(TrainConfig, top, "")
+    check_applies(cfg, _Names(origin, path, from_toml, from_overrides), supplied, auto)
+    return cfg
+
+
+def _keys(nested: Mapping[str, Any]) -> set[str]:
+    """'section.key' and 'key' of a TOML-shaped mapping."""
+    return {f"{k}.{sub}" if k in SECTIONS and isinstance(v, dict) else k
+            for k, v in nested.items() for sub in (v if k in SECTIONS and isinstance(v, dict) else [None])}
 
 
 def to_dict(cfg: TrainConfig) -> dict[str, Any]:
@@ -441,3 +488,300 @@ def parse_json_object(text: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise ValueError(f"{text!r} is not a JSON object; write it as '{{\"name\": value}}'")
     return value
+
+
+# --- what each setting applies to: one table, checked by load_config for the CLI, TOML and fit ---
+
+SPEC = "MODULE:ATTR"
+FIT = "fit"
+"""The kind of a model, optimizer, loss or scheduler given to `fit` as an object."""
+
+
+class Rule(NamedTuple):
+    """Where a setting takes effect; an empty field puts no limit there. A value other than the
+    setting's default, given where the rule does not hold, is a ConfigError naming the setting,
+    why and what to use instead (`check_applies`, run by `load_config`). A default never is, even
+    when given explicitly (`--sync-every 1` with any backend), so one command line or TOML file
+    can serve several backends with the defaults spelled out."""
+    backends: tuple[str, ...] = ()
+    """Built-in backends that read it. A MODULE:ATTR backend takes every setting (hvdtrain cannot
+    know which ones it reads), unless `plugins` is False."""
+    plugins: bool = True
+    elastic: bool | None = None
+    """True: only under --elastic; False: not under --elastic."""
+    models: tuple[str, ...] = ()
+    """Built-in model names, SPEC (a MODULE:ATTR model); a model object given to fit is neither."""
+    optimizers: tuple[str, ...] = ()
+    """Built-in optimizer names, SPEC; an optimizer callable given to fit is neither."""
+    data: tuple[str, ...] = ()
+    """Built-in data set names, `folder`, SPEC, or what fit was given: `Dataset`, `arrays`."""
+    fit_replaces: str = ""
+    """The fit() argument whose object takes the setting's place (`optimizer`, `scheduler`, ...)."""
+    needs: str = ""
+    """A setting that must be off its default for this one to act."""
+    not_with: tuple[str, ...] = ()
+    """Settings that, off their default, take this one's place."""
+    values: tuple[Any, ...] = ()
+    """Only these values are limited (`amp`: fp16); empty: every value but the default."""
+    one_process: bool = False
+    """Only in a job of one process (no launcher, or a launcher that started one)."""
+    note: str = ""
+    """Said with the fix."""
+
+
+_MPI, _HOROVOD = ("mpi",), ("horovod",)
+
+#: setting (its fit keyword) -> where it applies; a setting not listed applies to every run.
+#: Read from the code: strategies/*.py (which SyncConfig fields each strategy reads; `scales_lr`
+#: and `takes_accumulation`), registry.py (models, optimizers), sources.py (data), elastic.py.
+APPLIES: dict[str, Rule] = {
+    # run
+    "resume": Rule(elastic=False),
+    "overwrite": Rule(not_with=("resume",)),
+    "checkpoint_every": Rule(elastic=False, note="commits: --elastic-commit-every"),
+    "loss": Rule(fit_replaces="loss"),
+    "amp": Rule(elastic=False, values=("fp16",)),
+    # [data]
+    "data": Rule(fit_replaces="train_data"),
+    "rows": Rule(data=("regression",), note="a folder, `digits` or a Dataset brings its own rows"),
+    "num_workers": Rule(data=(SPEC, "Dataset"), note="a DataLoader setting: a data folder is read without one"),
+    "pin_memory": Rule(data=(SPEC, "Dataset"), note="a DataLoader setting: a data folder is read without one"),
+    # [model]
+    "model": Rule(fit_replaces="model"),
+    "model_args": Rule(models=(SPEC,), note="built-in mlp takes --hidden"),
+    "hidden": Rule(models=("mlp",)),
+    # [optim]
+    "optimizer": Rule(fit_replaces="optimizer"),
+    "optimizer_args": Rule(fit_replaces="optimizer"),
+    "lr": Rule(fit_replaces="optimizer"),
+    "momentum": Rule(optimizers=("sgd",), note="another optimizer takes its own in --optimizer-args, e.g. "
+                                               "'{\"momentum\": 0.9}' for torch.optim:SGD"),
+    "scale_lr": Rule(backends=("horovod", "ddp")),  # the strategies with scales_lr = True
+    "lr_schedule": Rule(elastic=False, fit_replaces="scheduler"),
+    "warmup_steps": Rule(elastic=False, fit_replaces="scheduler"),
+    # [sync]
+    "backend": Rule(values=("single",), one_process=True),
+    "sync_every": Rule(backends=_MPI, not_with=("hierarchy", "sync_every_seconds")),
+    "alpha": Rule(backends=_MPI),
+    "weights": Rule(backends=_MPI, not_with=("sync_every_seconds",)),
+    "mpi_allreduce": Rule(backends=_MPI),
+    "warmup_allreduce_steps": Rule(backends=_MPI, not_with=("sync_every_seconds",)),
+    "outer_optimizer": Rule(backends=_MPI),
+    "outer_lr": Rule(backends=_MPI, needs="outer_optimizer"),
+    "outer_momentum": Rule(backends=_MPI, needs="outer_optimizer"),
+    "hierarchy": Rule(backends=_MPI, not_with=("sync_every_seconds",)),
+    "sync_every_seconds": Rule(backends=_MPI),
+    "fp16": Rule(backends=_HOROVOD),
+    "backward_passes_per_step": Rule(backends=_HOROVOD),  # takes_accumulation = True
+    "elastic": Rule(backends=_HOROVOD, plugins=False, note="under horovodrun --gloo's elastic mode"),
+    "elastic_commit_every": Rule(elastic=True),
+}
+
+
+_DATA_KINDS = {SPEC: "--data MODULE:ATTR", "Dataset": "a Dataset given to fit", "folder": "a data folder",
+               "arrays": "(X, y) arrays given to fit"}
+
+
+def _or(items: Any, word: str = "or") -> str:
+    items = [str(i) for i in items]
+    return items[0] if len(items) == 1 else f"{', '.join(items[:-1])} {word} {items[-1]}"
+
+
+def describe_rule(kwarg: str) -> str:
+    """Where a setting applies, in words (README, `--help`): '' for a setting of every run."""
+    rule = APPLIES.get(kwarg)
+    if rule is None:
+        return ""
+    flag = BY_KWARG[kwarg].flag
+    parts = []
+    if rule.values:
+        parts.append(f"{flag} {_or(rule.values)}:")
+    if rule.backends:
+        parts.append(f"backend {_or(rule.backends)}" + ("" if rule.plugins else " (not a MODULE:ATTR backend)"))
+    if rule.elastic is True:
+        parts.append("--elastic runs")
+    if rule.elastic is False:
+        parts.append("not with --elastic")
+    if rule.models:
+        parts.append(f"model {_or(rule.models)}")
+    if rule.optimizers:
+        parts.append(f"optimizer {_or(rule.optimizers)}")
+    if rule.data:
+        parts.append(_or(_DATA_KINDS.get(d, f"--data {d}") for d in rule.data))
+    if rule.needs:
+        parts.append(f"with {BY_KWARG[rule.needs].flag} set")
+    if rule.not_with:
+        parts.append(f"not with {_or(BY_KWARG[k].flag for k in rule.not_with)}")
+    if rule.fit_replaces:
+        parts.append(f"not with a `fit({rule.fit_replaces}=...)` object")
+    if rule.one_process:
+        parts.append("one process (no launcher, or -np 1)")
+    if rule.note and kwarg == "elastic":
+        parts.append(rule.note)
+    return " ".join(parts[:1]) + " " + "; ".join(parts[1:]) if rule.values else "; ".join(parts)
+
+
+class _Names:
+    """How a message names a setting: as it was given (flag, fit keyword or TOML key)."""
+
+    def __init__(self, origin: str, path: str | None, from_toml: set[str], from_overrides: set[str]) -> None:
+        self.origin, self.path, self.from_toml, self.from_overrides = origin, path, from_toml, from_overrides
+
+    def how(self, kwarg: str) -> str:
+        key = _dotted(BY_KWARG[kwarg])
+        return "toml" if key in self.from_toml and key not in self.from_overrides else self.origin
+
+    def name(self, kwarg: str, value: Any, how: str, with_value: bool = True) -> str:
+        s = BY_KWARG[kwarg]
+        if how == "keyword":
+            return f"{kwarg}={value!r}"
+        if how == "toml":
+            return f"{_dotted(s)} = {json.dumps(value)} in {self.path}"
+        if isinstance(value, bool) or not with_value:
+            return s.flag
+        if isinstance(value, dict):
+            return f"{s.flag} '{json.dumps(value)}'"
+        if isinstance(value, tuple):
+            return f"{s.flag} {','.join(str(v) for v in value)}"
+        return f"{s.flag} {value}"
+
+    def label(self, kwarg: str, how: str) -> str:
+        s = BY_KWARG[kwarg]
+        return {"keyword": kwarg, "toml": _dotted(s)}.get(how, s.flag)
+
+    def drop(self, kwarg: str, how: str) -> str:
+        s = BY_KWARG[kwarg]
+        return {"keyword": f"{kwarg}=", "toml": f"{_dotted(s)} from {self.path}"}.get(how, s.flag)
+
+
+def _dotted(s: Setting) -> str:
+    return f"{s.section}.{s.key}" if s.section else s.key
+
+
+def _value(cfg: TrainConfig, kwarg: str) -> Any:
+    s = BY_KWARG[kwarg]
+    return getattr(getattr(cfg, s.section) if s.section else cfg, s.key)
+
+
+def _is_default(cfg: TrainConfig, kwarg: str) -> bool:
+    """Equal to the field's default (an int where a float stands counts: TOML `alpha = 1`)."""
+    value, default = _value(cfg, kwarg), field_default(BY_KWARG[kwarg])
+    return bool(value == default) and isinstance(value, bool) == isinstance(default, bool)
+
+
+class _Run(NamedTuple):
+    """What a run is made of, as the rules ask: kinds of backend, model, optimizer and data."""
+    backend: str
+    auto: str                   # why `auto` chose the backend; '' if it was given
+    elastic: bool
+    model: str                  # built-in name, SPEC or FIT
+    optimizer: str
+    data: str                   # built-in set name, folder, SPEC, Dataset or arrays
+    supplied: Mapping[str, str]  # fit's objects: argument -> what it is
+
+
+def _run_kinds(cfg: TrainConfig, supplied: Mapping[str, str], auto: bool) -> _Run:
+    if auto:
+        why = ("auto: --elastic is Horovod's" if cfg.sync.elastic else "auto: a launcher started this process"
+               if cfg.sync.backend == "horovod" else "auto: no launcher started this process")
+    from hvdtrain.catalog import DATASETS
+    model = FIT if "model" in supplied else cfg.model.name if cfg.model.name in _registered("model") else SPEC
+    optimizer = FIT if "optimizer" in supplied else (cfg.optim.name if cfg.optim.name in _registered("optimizer")
+                                                     else SPEC)
+    path = cfg.data.path
+    data = supplied.get("train_data") or (path if path in DATASETS else SPEC if is_spec(path) else "folder")
+    return _Run(cfg.sync.backend, why if auto else "", cfg.sync.elastic, model, optimizer, data, supplied)
+
+
+def _violation(cfg: TrainConfig, kwarg: str, rule: Rule, run: _Run, names: _Names,
+               how: str) -> tuple[str, str] | None:
+    """(why, what to use instead) when the non-default `kwarg` does not apply to `run`, else None.
+    `why` holds {verb} for 'applies' / 'apply'."""
+    def use(other: str, value: Any) -> str:
+        return "use " + names.name(other, value, how)
+
+    builtin_backend = run.backend in _registered("backend")
+    if rule.backends and run.backend not in rule.backends and (builtin_backend or not rule.plugins):
+        return (f"{{verb}} to backend {_or(rule.backends)} only, but the backend is {run.backend!r}"
+                + (f" ({run.auto})" if run.auto else ""), use("backend", rule.backends[0]) +
+                (f" {rule.note}" if rule.note and kwarg == "elastic" else ""))
+    if rule.elastic is True and not run.elastic:
+        return "{verb} to --elastic runs only, and --elastic is off", use("elastic", True)
+    if rule.elastic is False and run.elastic:
+        return "elastic", ""  # grouped into one message by check_applies
+    if rule.models and run.model not in rule.models:
+        now = "fit() was given a model object" if run.model == FIT else f"the model is {cfg.model.name!r}"
+        fix = "use --model MODULE:ATTR" if rule.models[0] == SPEC else use("model", rule.models[0])
+        return (f"{{verb}} to {'MODULE:ATTR models' if rule.models == (SPEC,) else 'model ' + _or(rule.models)} "
+                f"only, but {now}", fix + (f" ({rule.note})" if rule.note else ""))
+    if rule.optimizers and run.optimizer not in rule.optimizers:
+        now = ("fit() was given an optimizer callable" if run.optimizer == FIT
+               else f"the optimizer is {cfg.optim.name!r}")
+        return (f"{{verb}} to optimizer {_or(rule.optimizers)} only, but {now}",
+                use("optimizer", rule.optimizers[0]) + (f" ({rule.note})" if rule.note else ""))
+    if rule.data and run.data not in rule.data:
+        kinds = _DATA_KINDS
+        now = kinds.get(run.data, f"the built-in set {run.data!r}")
+        if run.data == "folder":
+            now = f"a data folder ({cfg.data.path!r})"
+        fix = "use --data MODULE:ATTR or a Dataset" if rule.data[0] in kinds else use("data", rule.data[0])
+        return (f"{{verb}} to {_or(kinds.get(d, f'the built-in set {d!r}') for d in rule.data)} only, but the "
+                f"data is {now}", fix + (f" ({rule.note})" if rule.note else ""))
+    if rule.fit_replaces and rule.fit_replaces in run.supplied:
+        return (f"{{verb}} to what hvdtrain builds from settings only, but fit() was given its own "
+                f"{rule.fit_replaces} ({run.supplied[rule.fit_replaces]}), which replaces it",
+                f"set it in that {rule.fit_replaces}")
+    if rule.needs and _is_default(cfg, rule.needs):
+        choices = [c for c in OUTER_OPTIMIZERS if c != field_default(BY_KWARG[rule.needs])] \
+            if rule.needs == "outer_optimizer" else [True]
+        other = names.label(rule.needs, how)
+        return (f"{{verb}} to runs with {other} {_or(choices)} only, but {other} is {_value(cfg, rule.needs)!r}",
+                use(rule.needs, choices[-1]))
+    for other in rule.not_with:
+        if not _is_default(cfg, other):
+            given = names.name(other, _value(cfg, other), names.how(other))
+            return (f"{{verb}} to runs without {names.label(other, how)} only, but {given} is given and takes "
+                    f"its place", f"drop {names.drop(other, names.how(other))}")
+    if rule.one_process:
+        from hvdtrain.layout import detect_layout
+        layout = detect_layout(os.environ)
+        if layout.size > 1:
+            return (f"{{verb}} to one process only, but {layout.launcher} started {layout.size} processes "
+                    f"(each would train alone)", f"use {_or('--backend ' + b for b in ('horovod', 'mpi', 'ddp'))}, "
+                                                 f"or start one process")
+    return None
+
+
+def check_applies(cfg: TrainConfig, names: _Names, supplied: Mapping[str, str] | None = None,
+                  auto: bool = False) -> None:
+    """Every setting off its default against APPLIES: a ConfigError naming each one that does not
+    apply to this run (grouped by reason), why, and what to use instead."""
+    run = _run_kinds(cfg, supplied or {}, auto)
+    groups: dict[tuple[str, str], list[tuple[str, str]]] = {}
+    for s in SETTINGS:
+        rule = APPLIES.get(s.kwarg)
+        if rule is None or _is_default(cfg, s.kwarg):
+            continue
+        value = _value(cfg, s.kwarg)
+        if rule.values and value not in rule.values:
+            continue
+        how = names.how(s.kwarg)
+        found = _violation(cfg, s.kwarg, rule, run, names, how)
+        if found:
+            groups.setdefault(found, []).append((s.kwarg, how))
+    messages = []
+    for (why, fix), given in groups.items():
+        if why == "elastic":  # Horovod's elastic state lives in the workers' memory (strategies/elastic.py)
+            elastic = names.name("elastic", True, names.how("elastic"), with_value=False)
+            listed = [names.name(k, _value(cfg, k), how, with_value=bool(APPLIES[k].values)) +
+                      (f" ({APPLIES[k].note})" if APPLIES[k].note else "") for k, how in given]
+            messages.append(f"{elastic} does not support {', '.join(listed)}: Horovod's elastic state is held in "
+                            f"memory and holds no checkpoint file, grad scaler or lr scheduler; drop "
+                            f"{'it' if len(listed) == 1 else 'them'} or {elastic}")
+            continue
+        listed = [names.name(k, _value(cfg, k), how) for k, how in given]
+        drop = names.drop(*given[0]) if len(given) == 1 else "them"
+        text = f"{_or(listed, 'and')} {why.format(verb='applies' if len(given) == 1 else 'apply')}"
+        messages.append(f"{text}; {fix}, or drop {drop}")
+    if messages:
+        raise ConfigError("; also ".join(messages))

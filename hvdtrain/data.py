@@ -17,9 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
+from hvdtrain.catalog import DATASETS
 from hvdtrain.errors import ConfigError
 
-BUILTINS = ("regression", "digits")
+BUILTINS = tuple(DATASETS)  # the built-in sets (hvdtrain/catalog.py, which config validation reads too)
 REGRESSION_FEATURES = 10
 _CHUNK = 1 << 16  # generation chunk: fixed, so the data is the same whatever the row count
 
@@ -115,11 +116,20 @@ def _check_pair(folder: Path, prefix: str, X: np.ndarray, y: np.ndarray, task: s
                           f"targets must be floats")
 
 
+def _short(text: str, limit: int = 120) -> str:
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def describe(folder: str | Path) -> DataInfo:
     """Read meta.json and the array headers (no data) and check they agree."""
     folder = Path(folder)
     meta_path = folder / "meta.json"
-    if not folder.is_dir():
+    try:
+        is_dir = folder.is_dir()
+    except OSError as exc:  # e.g. ENAMETOOLONG, EACCES on a parent: not a folder this rank can read
+        raise ConfigError(f"data {_short(str(folder))!r} cannot be looked up ({exc.strerror}); pass a data folder, "
+                          f"one of {', '.join(BUILTINS)} or MODULE:ATTR") from None
+    if not is_dir:
         raise ConfigError(f"data {str(folder)!r} is neither a folder nor a built-in set; use one of "
                           f"{', '.join(BUILTINS)} or a folder written by `hvdtrain data make`")
     try:
@@ -259,7 +269,7 @@ def make_dataset(name: str, out: str | Path, rows: int | None = None, seed: int 
     if out.exists() and not overwrite:
         raise ConfigError(f"{str(out)!r} already exists; pass --overwrite to replace it, or choose another --out")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp = _fresh_dir(out.parent, f".{out.name}.")  # not mkdtemp: its 0700 would outlive the rename
     try:
         if name == "regression":
             n_eval = max(1, int(rows * eval_fraction))
@@ -291,6 +301,17 @@ def make_dataset(name: str, out: str | Path, rows: int | None = None, seed: int 
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _fresh_dir(parent: Path, prefix: str) -> Path:
+    """A new empty folder `PREFIX<random>` in `parent`, made with mode 0777 so the umask applies."""
+    while True:
+        path = parent / f"{prefix}{os.urandom(4).hex()}"
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
 
 
 def builtin_folder(out: str | Path, name: str, rows: int, seed: int) -> Path:

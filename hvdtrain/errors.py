@@ -1,4 +1,4 @@
-"""The one user-facing error type and every exit code hvdtrain's commands and job scripts use (kept
+"""The user-facing error types and every exit code hvdtrain's commands and job scripts use (kept
 here, at the bottom of the import graph, so every module and the slurm/ scripts read them from
 one place: `python -c 'from hvdtrain.errors import EXIT_PREEMPTED; print(EXIT_PREEMPTED)'`)."""
 
@@ -10,11 +10,14 @@ EXIT_USAGE = 2
 """Bad input: a setting, a file or the launch; one line on stderr names the value and the fix."""
 EXIT_NUMERICAL = 3
 """The loss became NaN/Inf; every rank stopped together."""
+EXIT_WRITE = 74
+"""A file could not be written (disk full, read-only, no permission, quota): one line names the
+path and the reason; every rank stopped; the previous checkpoint is intact (74: sysexits' EX_IOERR)."""
 EXIT_PREEMPTED = 99
 """SIGTERM/SIGUSR1 (preemption, a time limit): a checkpoint was written; resume with --resume."""
 
 EXIT_CODES = {"done": EXIT_OK, "a rank failed": EXIT_FAILED, "bad input": EXIT_USAGE,
-              "NaN/Inf": EXIT_NUMERICAL, "preempted": EXIT_PREEMPTED}
+              "NaN/Inf": EXIT_NUMERICAL, "write failed": EXIT_WRITE, "preempted": EXIT_PREEMPTED}
 """What each exit code means, as the README's `Exit codes:` line lists them."""
 
 
@@ -23,3 +26,23 @@ class ConfigError(ValueError):
 
     The CLI prints it and exits EXIT_USAGE (2); `hvdtrain.fit` raises it on every rank.
     """
+
+
+class WriteError(OSError):
+    """A file of the run (checkpoint, metrics, summary, model, plots, TensorBoard) could not be
+    written. `str()` is the one line to print: the path, the reason and what to do.
+
+    An OSError (errno, strerror and filename are the failed write's), so code that catches OSError
+    around `hvdtrain.fit` still catches it. The CLI prints it and exits EXIT_WRITE; in a multi-rank
+    job it is raised on every rank together (`everywhere`), so no rank waits for the one that failed.
+    """
+
+    def __init__(self, path: str, errno: int | None, reason: str, message: str, everywhere: bool = False) -> None:
+        super().__init__(errno, reason, path)
+        self.path, self.reason, self.message, self.everywhere = path, reason, message, everywhere
+
+    def __str__(self) -> str:
+        return self.message
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]  (OSError's would drop the message)
+        return type(self), (self.path, self.errno, self.reason, self.message, self.everywhere)

@@ -3,16 +3,50 @@ files (OUT/tensorboard, with --tensorboard) and the progress display: a tqdm bar
 terminal, a line every 2 s otherwise (logs, batch jobs).
 
 Only rank 0 writes; other ranks build a `MetricsLog(enabled=False)` and every call is a no-op.
+
+A write that fails (disk full, read-only, no permission, quota) does not raise where it happens:
+the log keeps the WriteError in `error` and writes nothing more, and the loop raises it on every
+rank at the ranks' next meeting point (train._flush), so rank 0 never leaves the others waiting.
+Appends that fail are cut back to the last whole line. TensorBoard writes in a background thread
+of its own: its OSError reaches the next add/flush here (and its thread's traceback is silenced),
+so it too ends the run with one line; a TensorBoard event file may then end in a torn record,
+which TensorBoard's reader skips.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
+import threading
 import time
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Callable, TextIO
 
-from hvdtrain.checkpoint import atomic_write_text
+from hvdtrain.checkpoint import append_text, atomic_write_text, writing
+from hvdtrain.errors import WriteError
+
+
+def _kept_lines(path: Path, resume_step: int) -> list[str]:
+    """Lines of a JSONL file up to the step we resume from (a torn last line is dropped)."""
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if line.strip() and json.loads(line).get("step", 0) <= resume_step:
+                kept.append(line)
+        except (ValueError, AttributeError):
+            continue
+    return kept
+
+
+_previous_hook = threading.excepthook
+
+
+def _quiet_tensorboard(args: Any) -> None:
+    """threading.excepthook: TensorBoard's writer thread's OSError is reported by MetricsLog as one
+    line when the next add/flush raises it, not as a traceback of its own."""
+    if type(args.thread).__name__ == "_AsyncWriterThread" and isinstance(args.exc_value, OSError):
+        return
+    _previous_hook(args)
 
 
 class MetricsLog:
@@ -22,15 +56,22 @@ class MetricsLog:
         self.path = Path(out) / "metrics.jsonl"
         self.stream = stream if stream is not None else sys.stderr
         self._last_print = 0.0
-        self._file = None
         self._bar: Any = None
         self._tb: Any = None
         self._step = resume_step
+        self.error: WriteError | None = None
+        """The first write that failed (the loop raises it on every rank), else None."""
+        self.evals_path = self.path.with_name("evals.jsonl")
+        self.tb_path = Path(out) / "tensorboard"
         if not enabled:
             return
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter  # checked at start-up (tensorboard_error)
-            self._tb = SummaryWriter(str(Path(out) / "tensorboard"), purge_step=resume_step + 1 if resume_step else None)
+            global _previous_hook
+            if threading.excepthook is not _quiet_tensorboard:
+                _previous_hook, threading.excepthook = threading.excepthook, _quiet_tensorboard
+            self._try(self.tb_path, lambda: setattr(self, "_tb", SummaryWriter(
+                str(self.tb_path), purge_step=resume_step + 1 if resume_step else None)))
         if self.stream.isatty():
             try:
                 from tqdm import tqdm
@@ -38,42 +79,56 @@ class MetricsLog:
                                  dynamic_ncols=True, leave=True)
             except ImportError:
                 self._bar = None
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        kept: list[str] = []
-        if resume_step and self.path.is_file():  # drop lines past the checkpoint we resume from
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-        atomic_write_text("".join(line + "\n" for line in kept), self.path)
-        self._file = self.path.open("a")
-        self.evals_path = self.path.with_name("evals.jsonl")
-        kept = []
-        if resume_step and self.evals_path.is_file():
-            kept = [line for line in self.evals_path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-        atomic_write_text("".join(line + "\n" for line in kept), self.evals_path)
+        for path in (self.path, self.evals_path):  # drop lines past the checkpoint we resume from
+            self._try(path, lambda path=path: atomic_write_text("".join(
+                line + "\n" for line in (_kept_lines(path, resume_step) if resume_step and path.is_file() else [])),
+                path))
+
+    @property
+    def failed(self) -> bool:
+        return self.error is not None
+
+    def _try(self, path: Path, write: Callable[[], None]) -> None:
+        """Run a write of `path` unless one failed already; a failure is kept in `error` and ends
+        this log's writing (the loop raises it on every rank)."""
+        if self.error is not None:
+            return
+        try:
+            with writing(path):
+                write()
+        except WriteError as exc:
+            self.error = exc
+            self._close_quietly()
+
+    def _tb_file(self) -> Path:
+        """The TensorBoard event file being written (for messages), else its folder."""
+        name = getattr(getattr(getattr(self._tb, "file_writer", None), "event_writer", None), "_file_name", None)
+        return Path(name) if isinstance(name, str) else self.tb_path
 
     def evaluation(self, step: int, train_seconds: float, result: dict[str, float]) -> None:
         """One held-out evaluation (OUT/evals.jsonl): the step, training seconds so far, loss/accuracy."""
-        if not self.enabled or not result:
+        if not self.enabled or not result or self.error is not None:
             return
-        with self.evals_path.open("a") as f:
-            f.write(json.dumps({"step": step, "train_seconds": train_seconds, **result}) + "\n")
+        self._try(self.evals_path, lambda: append_text(
+            json.dumps({"step": step, "train_seconds": train_seconds, **result}) + "\n", self.evals_path))
         if self._tb is not None:
-            for key, value in result.items():
-                self._tb.add_scalar(f"eval/{key.removeprefix('eval_')}", value, step)
+            self._try(self._tb_file(), lambda: self._scalars(
+                [(f"eval/{key.removeprefix('eval_')}", value, step) for key, value in result.items()]))
+
+    def _scalars(self, values: list[tuple[str, float, int]]) -> None:
+        for tag, value, step in values:
+            self._tb.add_scalar(tag, value, step)
+        self._tb.flush()  # hvdtrain: written now, so a failure shows at the loop's next meeting point
 
     def steps(self, rows: list[dict[str, Any]]) -> None:
-        if not self._file or not rows:
+        if not self.enabled or not rows:
             return
-        self._file.write("".join(json.dumps(r) + "\n" for r in rows))
-        self._file.flush()
+        self._try(self.path, lambda: append_text("".join(json.dumps(r) + "\n" for r in rows), self.path))
         if self._tb is not None:
-            for r in rows:
-                self._tb.add_scalar("train/loss", r["loss"], r["step"])
-                self._tb.add_scalar("train/samples_per_sec", r["samples_per_sec"], r["step"])
-                self._tb.add_scalar("comm/seconds", r["comm_seconds"], r["step"])
-                self._tb.add_scalar("comm/bytes_per_step", r["bytes_sent"], r["step"])
-            self._tb.flush()
+            self._try(self._tb_file(), lambda: self._scalars(
+                [(tag, r[key], r["step"]) for r in rows for tag, key in
+                 (("train/loss", "loss"), ("train/samples_per_sec", "samples_per_sec"),
+                  ("comm/seconds", "comm_seconds"), ("comm/bytes_per_step", "bytes_sent"))]))
         if self._bar is not None:
             last = rows[-1]
             self._bar.update(last["step"] - self._step)
@@ -97,20 +152,26 @@ class MetricsLog:
         self.stream.write(("\r" + line + ("\n" if done else "")) if tty else line + "\n")
         self.stream.flush()
 
+    def _close_quietly(self) -> None:
+        """After a failed write: let go of the files (their errors are the one already kept)."""
+        tb, self._tb = self._tb, None
+        if tb is not None:
+            with contextlib.suppress(Exception):
+                tb.close()
+
     def close(self) -> None:
+        """Close the files; never raises (everything was flushed at the last meeting point, and
+        a failure here is kept in `error`)."""
         if self._tb is not None:
-            self._tb.close()
+            self._try(self._tb_file(), self._tb.close)
             self._tb = None
-        if self._file:
-            self._file.close()
-            self._file = None
         if self._bar is not None:
             self._bar.close()
             self._bar = None
 
 
 def write_summary(out: str | Path, data: dict[str, Any]) -> None:
-    """OUT/summary.json (rank 0): the run's last record."""
+    """OUT/summary.json (rank 0): the run's last record (WriteError if it cannot be written)."""
     atomic_write_text(json.dumps(data, indent=2) + "\n", Path(out) / "summary.json")
 
 

@@ -54,9 +54,21 @@ def call_plugin(spec: str, flag: str, fn: Callable[..., Any], *args: Any, **kwar
         return fn(*args, **kwargs)
     except ConfigError:
         raise
-    except Exception as exc:
-        raise ConfigError(f"{flag} {spec}: calling it raised {_describe(exc)}; fix the factory or its "
+    except Exception as exc:  # hvdtrain's own call of the user's factory: one line, never a traceback
+        how = f" as {_call_text(fn, args, kwargs)}" if isinstance(exc, TypeError) else ""
+        raise ConfigError(f"{flag} {spec}: calling it{how} raised {_describe(exc)}; fix the factory or its "
                           f"arguments") from None
+
+
+def _call_text(fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+    """How hvdtrain called `fn` (a TypeError is usually a signature that does not match this)."""
+    def show(value: Any) -> str:
+        if isinstance(value, list) and value and all(type(v).__name__ == "Parameter" for v in value):
+            return "params"
+        text = repr(value) if isinstance(value, (int, float, str, bool, type(None))) else type(value).__name__
+        return text if len(text) <= 30 else text[:27] + "..."
+    name = getattr(fn, "__name__", type(fn).__name__)
+    return f"{name}({', '.join([show(a) for a in args] + [f'{k}={show(v)}' for k, v in kwargs.items()])})"
 
 
 def _describe(exc: BaseException) -> str:

@@ -5,6 +5,7 @@ below, or a plug-in with no change to hvdtrain.
 """
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -42,6 +43,9 @@ def build_model(cfg: ModelConfig, job: Job, shape: DataShape) -> nn.Module:
     dtype = getattr(torch, cfg.dtype)
     if job.model is not None:
         model = job.model
+        if cfg.args:  # hvdtrain builds none of the user's objects: nothing would take them
+            raise ConfigError(f"--model-args {json.dumps(cfg.args)} is for a MODULE:ATTR model, but fit got the "
+                              f"model itself; build it with its arguments (a callable: functools.partial(Net, ...))")
         if not isinstance(model, nn.Module) and not callable(model):
             raise ConfigError(f"fit(model=...) got {type(model).__name__} {model!r:.40}; pass an nn.Module or a "
                               f"zero-argument callable returning one")
@@ -103,17 +107,40 @@ def build_optimizer(cfg: OptimConfig, job: Job, model: nn.Module) -> torch.optim
     params = [p for p in model.parameters() if p.requires_grad]
     spec = job.optimizer if job.optimizer is not None else cfg.name
     if callable(spec) and not isinstance(spec, str):
+        if cfg.args:  # hvdtrain calls the user's callable with the parameters only
+            raise ConfigError(f"--optimizer-args {json.dumps(cfg.args)} is for a named or MODULE:ATTR optimizer, "
+                              f"but fit(optimizer=...) got a callable; put the arguments into it, e.g. "
+                              f"functools.partial(torch.optim.AdamW, lr=3e-4, weight_decay=0.01)")
         opt = call_plugin(getattr(spec, "__name__", "optimizer"), "fit(optimizer=...)", spec, params)
-    elif spec in OPTIMIZERS:
-        extra = {"momentum": cfg.momentum} if spec == "sgd" else {}
-        opt = call_plugin(spec, "--optimizer", load_attr(OPTIMIZERS[spec], "--optimizer"), params, lr=cfg.lr,
-                          **extra, **cfg.args)
+    elif not isinstance(spec, str):
+        raise ConfigError(f"fit(optimizer=...) got {type(spec).__name__} {spec!r:.40}; pass a callable params -> "
+                          f"Optimizer or a name ('sgd', 'adam', 'adamw')")
     else:
-        opt = call_plugin(spec, "--optimizer", load_attr(spec, "--optimizer"), params, lr=cfg.lr, **cfg.args)
+        found = load_attr(OPTIMIZERS.get(spec, spec), "--optimizer")
+        opt = call_plugin(spec, "--optimizer", found, params, **optimizer_keywords(cfg, spec))
     if not isinstance(opt, torch.optim.Optimizer):
         raise ConfigError(f"optimizer {spec!r} gave {type(opt).__name__}, not a torch.optim.Optimizer; "
                           f"pass a callable params -> Optimizer, e.g. functools.partial(torch.optim.AdamW, lr=3e-4)")
     return opt
+
+
+def optimizer_keywords(cfg: OptimConfig, name: str) -> dict[str, Any]:
+    """The keywords an optimizer class is called with, after the parameters: `lr` (and `momentum`
+    for sgd) from their own settings, then --optimizer-args. The rule for a key given both ways:
+    an error naming both, never a silent choice (a setting is given in one place; `lr` stays where
+    scale_lr, the schedules, the summary and `compare` read it)."""
+    own = {"lr": ("--lr", cfg.lr), **({"momentum": ("--momentum", cfg.momentum)} if name == "sgd" else {})}
+    if "params" in cfg.args:
+        raise ConfigError('--optimizer-args sets "params", which hvdtrain passes itself (the model\'s trainable '
+                          'parameters); drop "params" from --optimizer-args')
+    for key, (flag, value) in own.items():
+        if key in cfg.args:
+            given = json.dumps(cfg.args[key])
+            default = OptimConfig.__dataclass_fields__[key].default
+            now = f"its default {value:g}" if value == default else f"{value:g}"
+            raise ConfigError(f'--optimizer-args sets "{key}" and so does {flag} ({now}); give it once: use {flag} '
+                              f'{given} (fit: {key}={given}) and drop "{key}" from --optimizer-args')
+    return {**{key: value for key, (_, value) in own.items()}, **cfg.args}
 
 
 def warmup_cosine(warmup: int, total: int, cosine: bool) -> Callable[[int], float]:

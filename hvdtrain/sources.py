@@ -77,6 +77,8 @@ class DatasetBlock(Block):
                                              # from the global RNG, so a resumed run stays exact
                                              generator=torch.Generator().manual_seed(len(order)))
         for x, y in loader:
+            if isinstance(y, torch.Tensor) and not y.is_floating_point() and y.dtype != torch.int64:
+                y = y.long()  # int32 / uint8 / bool class ids, as the (X, y) path gives them
             yield _to(x, self.device, self.dtype), _to(y, self.device, self.dtype)
 
 
@@ -198,6 +200,8 @@ def _make_block(obj: Any, indices: np.ndarray, cfg: TrainConfig, device: torch.d
 
 def _length(obj: Any, what: str) -> int:
     if _is_pair(obj):
+        if len(obj[0]) != len(obj[1]):
+            raise ConfigError(f"{what}: X has {len(obj[0])} rows but y has {len(obj[1])}; give one target per sample")
         return len(obj[0])
     if not _is_dataset(obj):
         raise ConfigError(f"{what} is a {type(obj).__name__}; pass a map-style torch Dataset, an (X, y) "
@@ -217,8 +221,8 @@ def _sample(obj: Any, index: int, what: str) -> tuple[Any, Any]:
     except Exception as exc:
         raise ConfigError(f"{what}[{index}] raised {describe_error(exc)}; fix the Dataset's __getitem__") from None
     if not isinstance(item, (tuple, list)) or len(item) != 2:
-        raise ConfigError(f"{what}[{index}] returned {type(item).__name__}; a sample must be an "
-                          f"(input, target) pair")
+        found = f"a {type(item).__name__} of {len(item)}" if isinstance(item, (tuple, list)) else type(item).__name__
+        raise ConfigError(f"{what} index {index}: the item is {found}; a sample must be an (input, target) pair")
     return item[0], item[1]
 
 
@@ -236,19 +240,141 @@ def _shape_of(train: Any, x: Any, y: Any) -> DataShape:
     return DataShape("classification", int(xt.numel()), int(classes) if classes else None)
 
 
+Item = tuple[int, Any, Any]  # (index in the source, features, label)
+
+_LABELS = "labels must be numbers (int class ids or float targets)"
+_FEATURES = "features must be a tensor, a numpy array or a number"
+
+
+def _first_items(obj: Any, indices: np.ndarray, what: str) -> list[Item]:
+    """(index, features, label) of the given indices, each read the way training reads it."""
+    if _is_pair(obj):
+        for name, a in (("features X", obj[0]), ("labels y", obj[1])):
+            if isinstance(a, np.ndarray) and a.dtype.kind not in "biuf":
+                raise ConfigError(f"{what}: {name} is an array of dtype {a.dtype} (e.g. {a.flat[0]!r:.30}); "
+                                  f"{_LABELS if name == 'labels y' else _FEATURES}: convert it, e.g. "
+                                  f"{name[-1]}.astype(np.{'int64' if name == 'labels y' else 'float32'})")
+    found = []
+    for i in indices.tolist():
+        x, y = _sample(obj, i, what)
+        found.append((i, x, y))
+    found[0] = _checked_types(found[0], what)
+    return found
+
+
+def _kind(value: Any) -> tuple[str, tuple[int, ...], str] | None:
+    """(container, shape, 'int' or 'float') of numbers; None when `value` is not numbers."""
+    if isinstance(value, torch.Tensor):
+        return "Tensor", tuple(value.shape), "float" if value.is_floating_point() or value.is_complex() else "int"
+    if isinstance(value, np.ndarray) or isinstance(value, np.generic):
+        kind = np.asarray(value).dtype.kind
+        if kind not in "biufc":
+            return None
+        container = "ndarray" if isinstance(value, np.ndarray) else "number"
+        return container, tuple(np.shape(value)), "float" if kind in "fc" else "int"
+    if isinstance(value, (bool, int, float)):
+        return "number", (), "float" if isinstance(value, float) else "int"
+    return None
+
+
+def _show(value: Any) -> str:
+    if value is None:
+        return "None"
+    if isinstance(value, (torch.Tensor, np.ndarray)) and np.prod(np.shape(value)) != 1:
+        return f"{type(value).__name__} of shape {tuple(np.shape(value))}"
+    if isinstance(value, (torch.Tensor, np.ndarray, np.generic)):
+        value = value.item()
+    text = repr(value)
+    return f"{type(value).__name__} {text if len(text) <= 30 else text[:27] + '...'}"
+
+
+def _checked_types(item: Item, what: str) -> Item:
+    """The item whose features and label are numbers, else a ConfigError naming the index."""
+    i, x, y = item
+    if _kind(x) is None:
+        raise ConfigError(f"{what} index {i}: features are {_show(x)}; {_FEATURES} (e.g. torch.tensor(...))")
+    if _kind(y) is None:
+        raise ConfigError(f"{what} index {i}: label is {_show(y)}; {_LABELS}")
+    return item
+
+
+def _check_items(items: list[Item], shape: DataShape, obj: Any, what: str,
+                 train: tuple[str, Item] | None = None) -> None:
+    """Every item as the first one: numbers of the same type and shape, the same kind of label, a
+    class id >= 0 and below the classes the training data has, no NaN/Inf, so that stacking them into
+    a batch cannot fail. Eval items also match the training data's first item (`train`: its name and
+    item) in features shape and kind of label."""
+    i0, x0, y0 = items[0]
+    kx0, ky0 = _kind(x0), _kind(y0)
+    assert kx0 is not None and ky0 is not None
+    declared = None if _is_pair(obj) else getattr(obj, "num_classes", None)
+    if declared is None and not _is_pair(obj) and isinstance(getattr(obj, "classes", None), (list, tuple)):
+        declared = len(obj.classes)
+    if shape.task == "regression" and isinstance(declared, int) and declared > 0:
+        raise ConfigError(f"{what} index {i0}: label is {_show(y0)} but the data declares num_classes "
+                          f"{declared}; return int class ids (e.g. torch.tensor(1)) or drop num_classes")
+    if train is not None:  # eval data: what the model was built for
+        (name, (ti, tx, ty)), ktx, kty = train, _kind(train[1][1]), _kind(train[1][2])
+        assert ktx is not None and kty is not None
+        if kx0[1] != ktx[1]:
+            raise ConfigError(f"{what} index {i0}: features of shape {kx0[1]} but {name} index {ti} had "
+                              f"{ktx[1]}; give the eval data the training data's shape")
+        if ky0[2] != kty[2]:
+            raise ConfigError(f"{what} index {i0}: label is {_show(y0)} but {name} index {ti} had {_show(ty)}; "
+                              f"give the eval data the training data's kind of label")
+    ref = f"index {i0}"
+    for i, x, y in items:
+        _checked_types((i, x, y), what)
+        kx, ky = _kind(x), _kind(y)
+        assert kx is not None and ky is not None
+        if kx[:2] != kx0[:2]:
+            raise ConfigError(f"{what} index {i}: features are {kx[0]} of shape {kx[1]} but {ref} had "
+                              f"{kx0[0]} of shape {kx0[1]}; return the same type and shape from every item")
+        if ky[:2] != ky0[:2]:
+            raise ConfigError(f"{what} index {i}: label is {_show(y)} but {ref} had {_show(y0)}; return "
+                              f"the same type and shape of label from every item")
+        if ky[2] != ky0[2]:
+            task = "classification: int class ids" if ky0[2] == "int" else "regression: float targets"
+            raise ConfigError(f"{what} index {i}: label is {_show(y)} but {ref} had {_show(y0)} "
+                              f"({task}); give every item the same kind of label")
+        xt = x if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x))
+        if (xt.is_floating_point() or xt.is_complex()) and not bool(torch.isfinite(xt).all()):
+            bad = "NaN" if bool(torch.isnan(xt).any()) else "Inf"
+            raise ConfigError(f"{what} index {i}: features hold {bad}; clean the data (drop or impute those "
+                              f"values) before training")
+        yt = y if isinstance(y, torch.Tensor) else torch.as_tensor(np.asarray(y))
+        if yt.is_floating_point() and not bool(torch.isfinite(yt).all()):
+            raise ConfigError(f"{what} index {i}: label is {_show(y)}; a target must be a finite number")
+        if shape.task == "classification" and yt.numel() and not yt.dtype == torch.bool:
+            low, high = int(yt.min()), int(yt.max())
+            if low < 0:
+                raise ConfigError(f"{what} index {i}: class label {low} is negative; class ids are 0, 1, ...")
+            if shape.n_outputs is not None and high >= shape.n_outputs:
+                raise ConfigError(f"{what} index {i}: class label {high}, but the training data has "
+                                  f"{shape.n_outputs} classes (ids 0 to {shape.n_outputs - 1}); fix the label or "
+                                  f"the data's num_classes")
+
+
 def _open_objects(cfg: TrainConfig, train: Any, evald: Any, source: str, comm: Comm,
                   device: torch.device) -> RankData:
     rank, size = comm.rank, comm.size
     n = _length(train, f"training data {source}")
     mine = D.partition(n, rank, size, cfg.data.partition, cfg.seed)
-    x, y = _sample(train, int(mine[0]), f"training data {source}")
+    # hvdtrain: the items of this rank's first batch, checked one by one before anything is built
+    items = _first_items(train, mine[:cfg.batch_size], f"training data {source}")
+    x, y = items[0][1], items[0][2]
     shape = _shape_of(train, x, y)
+    _check_items(items, shape, train, f"training data {source}")
     block = _make_block(train, mine, cfg, device, f"training data {source}")
     eval_block, n_eval = None, 0
     if evald is not None:
         n_eval = _length(evald, "eval data")
         lo, hi = D.block_bounds(n_eval, rank, size)
-        eval_block = _make_block(evald, np.arange(lo, hi, dtype=np.int64), cfg, device, "eval data") if hi > lo else None
+        if hi > lo:
+            mine_eval = np.arange(lo, hi, dtype=np.int64)
+            _check_items(_first_items(evald, mine_eval[:cfg.batch_size], "eval data"), shape, evald, "eval data",
+                         train=(f"training data {source}", items[0]))
+            eval_block = _make_block(evald, mine_eval, cfg, device, "eval data")
     sample = tuple(torch.as_tensor(np.asarray(x)).shape) if not isinstance(x, torch.Tensor) else tuple(x.shape)
     return RankData(block, eval_block, shape, D.block_sizes(n, size), source,
                     {"task": shape.task, "train_rows": n, "eval_rows": n_eval, "sample_shape": sample,

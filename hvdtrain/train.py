@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from hvdtrain import data as D
-from hvdtrain.checkpoint import atomic_torch_save, latest_checkpoint, restore_run, save_run
+from hvdtrain.checkpoint import atomic_torch_save, latest_checkpoint, restore_run, save_run, spread_write_error
 from hvdtrain.comm.base import Comm, default_threads
 from hvdtrain.config import TrainConfig, to_dict
 from hvdtrain.errors import ConfigError
@@ -300,6 +300,7 @@ def _loop(cfg: TrainConfig, strategy: SyncStrategy, model: torch.nn.Module, forw
             strategy.checkpoint(step, save)
         evaluation = evaluate(model, loss_fn, data, comm, cfg.batch_size * 4, autocast)
         log.evaluation(step, train_seconds, evaluation)
+        spread_write_error(comm, log.error)  # hvdtrain: rank 0's last metrics/evals writes, agreed
         mine = np.zeros(comm.size + 1)
         mine[0], mine[1 + comm.rank] = strategy.comm_seconds - comm0, step - start_step
         totals = comm.allreduce_sum(mine)  # mean comm time; steps by rank (time-based ranks differ)
@@ -335,7 +336,8 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def _flush(window: list[tuple[int, int, torch.Tensor, float, int]], comm: Comm, log: MetricsLog,
            log_every: int, window_start: float, losses: list[float], stop: bool,
            lockstep: bool, per_step: int) -> bool:
-    """One small allreduce per window: mean losses, the stop vote and NaN reports of every rank.
+    """One small allreduce per window: mean losses, the stop vote, NaN reports of every rank and
+    whether rank 0 failed to write (metrics.py keeps the error until this point).
     Ranks in lockstep log every step; time-based ranks took different steps, so they log one
     row per window (the loss over all ranks' steps)."""
     local = torch.stack([w[2] for w in window]).double().cpu().numpy()
@@ -344,10 +346,13 @@ def _flush(window: list[tuple[int, int, torch.Tensor, float, int]], comm: Comm, 
     bad[comm.rank] = first_bad
     rows, sums = (window, local) if lockstep else (window[-1:], local.sum(keepdims=True))
     n = len(rows)
-    summed = comm.allreduce_sum(np.concatenate([np.nan_to_num(sums), [float(stop), len(window)], bad]))
-    if summed[n + 2:].any():
-        where = ", ".join(f"rank {r} at step {int(s)}" for r, s in enumerate(summed[n + 2:]) if s)
+    summed = comm.allreduce_sum(np.concatenate([np.nan_to_num(sums), [float(stop), len(window), log.failed],
+                                                bad]))
+    if summed[n + 3:].any():
+        where = ", ".join(f"rank {r} at step {int(s)}" for r, s in enumerate(summed[n + 3:]) if s)
         raise NumericalError(f"loss became NaN/Inf on {where}; lower --lr or check the data")
+    if summed[n + 2]:  # hvdtrain: rank 0 failed to write metrics, evals or TensorBoard: all stop here
+        spread_write_error(comm, log.error)
     steps = summed[n + 1]  # by all ranks in this window
     mean = summed[:n] / (comm.size if lockstep else steps)
     elapsed = max(time.perf_counter() - window_start, 1e-9)

@@ -55,10 +55,13 @@ hvd_setup() {
 # exported wins. With HOSTFILE the placement is unknown here: only the settings for any layout
 # go in, and each rank adds the rest for its own. compare.sh and bench.sh skip this: hvdtrain
 # gives each of their jobs its settings itself (and a benchmark's "stock" rows none).
+# `hvd_rank_env mpirun`: the script starts mpirun, which gets its own settings too (comm/env.py
+# MPIRUN: how long the ranks get to stop cleanly on Ctrl-C).
 hvd_rank_env() {
   local exports
   local -a layout=(--np "$NP")
   if [ -n "${HOSTFILE:-}" ]; then layout=(); elif [ -n "${HOSTS:-}" ]; then layout+=(--hosts "$HOSTS"); fi
+  if [ "${1:-}" = mpirun ]; then layout+=(--mpirun); fi
   exports="$("$PY" -m hvdtrain.comm.env --sh "${layout[@]}")" \
     || hvd_die "cannot read hvdtrain's MPI settings with $PY (is hvdtrain installed in VENV=$VENV?)"
   eval "$exports"

@@ -14,7 +14,7 @@ set -euo pipefail
 source "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")/common.sh"
 
 hvd_setup horovod_mpi
-hvd_rank_env
+hvd_rank_env mpirun
 hvd_host_args horovodrun
 hvd_mpirun_flags horovodrun
 read -ra extra <<< "${HOROVODRUN_ARGS:-}"

@@ -14,7 +14,7 @@ set -euo pipefail
 source "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")/common.sh"
 
 hvd_setup mpi_fallback
-hvd_rank_env
+hvd_rank_env mpirun
 hvd_host_args mpirun
 hvd_mpirun_flags mpirun
 hvd_exec mpirun -np "$NP" "${HOST_ARGS[@]}" "${MPIRUN_FLAGS[@]}" \

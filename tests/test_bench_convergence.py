@@ -29,11 +29,12 @@ def strict_json(text: str) -> Any:
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], str, Path]:
     out = tmp_path_factory.mktemp("bench-convergence")
-    # --tiny, and one epoch with 3 evaluations per run (resnet: 8 steps = 2 k, the least the tool
-    # takes): 18 runs, each checked for sanity, not for how far it trains
-    cmd = [sys.executable, "-m", "hvdtrain", "bench", "convergence", "--tiny", "--epochs", "1", "--evals", "3",
-           "--np", str(NP), "--out", str(out), "--network-label", "ci one host", "--timeout", "300"]
-    result = run(cmd, timeout=600)
+    # --tiny as it is: fewer epochs (1 or 2) end the outer-Nesterov cells with a NaN held-out loss
+    # (BatchNorm running_var extrapolated negative; measured), which the test rightly refuses.
+    # 18 runs took 4-9 minutes on the shared 2-core machine: the limit is well above that.
+    cmd = [sys.executable, "-m", "hvdtrain", "bench", "convergence", "--tiny", "--np", str(NP), "--out", str(out),
+           "--network-label", "ci one host", "--timeout", "300"]
+    result = run(cmd, timeout=1500)
     assert result.returncode == 0, result.stdout[-4000:]
     return strict_json((out / "convergence.json").read_text()), result.stdout, out
 

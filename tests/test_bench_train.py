@@ -115,9 +115,9 @@ def test_meta_and_memory(bench: tuple[dict[str, Any], str]) -> None:
         assert m["peak_rss_bytes"] > 0 and m["base_rss_bytes"] > 0  # measured: only sane
         assert m["rows"] == 8000 and m["base_rows"] == 2000
         # a rank's block: 8000 / NP training rows and 10% as many held-out rows, 10 float32 features
-        # and 1 float32 target each; the model: its float32 parameters
+        # and 1 float32 target each; the model (the small 10-20-1 `net`): its float32 parameters
         assert m["block_bytes"] == (8000 // NP + 800 // NP) * (10 + 1) * 4, m
-        assert m["model_bytes"] == 4 * PARAMETERS, m
+        assert m["model_bytes"] == 4 * (10 * 20 + 20 + 20 + 1), m
         assert m["excess_bytes"] == m["peak_rss_bytes"] - m["base_rss_bytes"], m
 
 

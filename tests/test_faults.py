@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from hvdtrain.tools.launch import TIMEOUT_EXIT, horovodrun_cmd, launcher_env, mpirun_cmd, run, mpirun_args
+from hvdtrain.tools.launch import TIMEOUT_EXIT, horovodrun_cmd, launcher_env, mpirun_cmd, mpirun_args
+from support.jobs import run_job
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNNER = str(ROOT / "tests" / "support" / "fault_runner.py")
@@ -42,7 +43,7 @@ def runner_cmd(launcher: str, mode: str, rank: int, step: int, args: list[str]) 
 def test_failing_rank_ends_the_job(tmp_path, launcher, backend, mode):
     args = ["--backend", backend, "--out", str(tmp_path / "out"), *TRAIN, "--checkpoint-every", "5"]
     start = time.monotonic()
-    result = run(runner_cmd(launcher, mode, 1, 12, args), timeout=120)
+    result = run_job(runner_cmd(launcher, mode, 1, 12, args), timeout=120, env=launcher_env(), merge_stderr=True)
     elapsed = time.monotonic() - start
     print(f"{mode} on rank 1 under {launcher}/{backend}: job exited {result.returncode} after {elapsed:.1f} s")
     assert result.returncode not in (0, TIMEOUT_EXIT), result.stdout[-3000:]
@@ -115,7 +116,7 @@ def test_sigkilled_rank_ends_the_job_within_30s(tmp_path, jobs, launcher, backen
 def test_stalled_rank_is_ended_by_the_watchdog(tmp_path, launcher, backend):
     args = ["--backend", backend, "--out", str(tmp_path / "out"), *TRAIN, "--collective-timeout", "5"]
     start = time.monotonic()
-    result = run(runner_cmd(launcher, "stall", 1, 8, args), timeout=120)
+    result = run_job(runner_cmd(launcher, "stall", 1, 8, args), timeout=120, env=launcher_env(), merge_stderr=True)
     elapsed = time.monotonic() - start
     print(f"stall on rank 1 under {launcher}/{backend}: exit {result.returncode} after {elapsed:.1f} s")
     assert result.returncode not in (0, TIMEOUT_EXIT), result.stdout[-3000:]
@@ -136,8 +137,9 @@ def test_preemption_checkpoints_and_resume_finishes(tmp_path, jobs, launcher, ba
     ckpt = sorted((out / "checkpoints").glob("ckpt-*.pt"))[-1]
     stopped_at = torch.load(ckpt, weights_only=True)["step"]
     assert stopped_at >= 12
-    resumed = run(launch(launcher, ["hvdtrain", "train", "--backend", backend, "--out", str(out), *TRAIN,
-                                    "--epochs", "3", "--resume"]), timeout=300)
+    resumed = run_job(launch(launcher, ["hvdtrain", "train", "--backend", backend, "--out", str(out), *TRAIN,
+                                        "--epochs", "3", "--resume"]),
+                      timeout=300, env=launcher_env(), merge_stderr=True)
     assert resumed.returncode == 0, resumed.stdout[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["start_step"] == stopped_at and summary["steps"] > stopped_at
@@ -146,8 +148,9 @@ def test_preemption_checkpoints_and_resume_finishes(tmp_path, jobs, launcher, ba
 @pytest.mark.parametrize("backend", ["mpi", "horovod"])
 def test_nan_loss_stops_every_rank_with_a_message(tmp_path, backend):
     out = tmp_path / "out"
-    result = run(mpirun_cmd(2, ["hvdtrain", "train", "--backend", backend, "--out", str(out), "--rows", "4000",
-                                "--lr", "1e12", "--log-every", "1"]), timeout=120)
+    result = run_job(mpirun_cmd(2, ["hvdtrain", "train", "--backend", backend, "--out", str(out), "--rows", "4000",
+                                    "--lr", "1e12", "--log-every", "1"]),
+                     timeout=120, env=launcher_env(), merge_stderr=True)
     assert result.returncode == 3, result.stdout[-3000:]
     assert "loss became NaN/Inf on rank 0 at step" in result.stdout
     assert "Traceback" not in result.stdout

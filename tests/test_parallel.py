@@ -56,4 +56,7 @@ def test_parallel_file(name, launcher, ranks, timeout, tmp_path):
     assert sorted(reports) == sorted(f"rank-{r}.json" for r in range(ranks)), f"{reports}\n{tail}"
     for rank_file, rep in reports.items():
         assert rep["exitstatus"] == 0 and rep.get("passed", 0) > 0 and not rep.get("failed"), (rank_file, rep)
+        if launcher != "horovodrun-gloo":  # an MPI world: nothing may skip (only Gloo lacks one)
+            assert not rep.get("skipped"), (f"{rank_file}: tests skipped under {launcher}, e.g. an MPI world "
+                                            f"not detected", rep)
     sys.stdout.write(tail[-1000:])

@@ -15,6 +15,7 @@ from support.jobs import run_job
 from test_bad_input import check
 
 USER_MODULE = textwrap.dedent('''
+    import os
     import torch
     from torch import nn
 
@@ -74,6 +75,27 @@ USER_MODULE = textwrap.dedent('''
     def raises():
         raise RuntimeError("boom in the factory")
 
+    def no_lr_optimizer(params):
+        return torch.optim.SGD(params, lr=0.1)
+
+    class LossNeedsArg(nn.Module):
+        def __init__(self, margin):
+            super().__init__()
+
+    class BoomAt3(Net):
+        """Raises in forward at its 3rd training step, on rank `rank` (-1: on every rank)."""
+        def __init__(self, rank=-1):
+            super().__init__()
+            self.rank, self.steps = rank, 0
+
+        def forward(self, x):
+            if self.training and torch.is_grad_enabled():
+                self.steps += 1
+                mine = int(os.environ.get("OMPI_COMM_WORLD_RANK", "0"))
+                if self.steps == 3 and self.rank in (-1, mine):
+                    raise RuntimeError("boom in the user's forward at step 3")
+            return super().forward(x)
+
     NOT_CALLABLE = 42
 ''')
 
@@ -112,7 +134,8 @@ def test_user_plugins_one_process(user_dir):
 @pytest.mark.mpi
 @pytest.mark.parametrize("launcher,backend", [("mpirun", "mpi"), ("horovodrun", "horovod")])
 def test_user_plugins_two_ranks(user_dir, launcher, backend):
-    result = train(user_dir, *GOOD, "--sync-every", "2", launcher=launcher, backend=backend)
+    periodic = ["--sync-every", "2"] if backend == "mpi" else []  # the MPI fallback's own setting
+    result = train(user_dir, *GOOD, *periodic, launcher=launcher, backend=backend)
     assert result.returncode == 0, result.stdout[-3000:]
     summary = json.loads((user_dir / "out" / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["backend"] == backend
@@ -140,7 +163,7 @@ BAD = [
     ("model-args-json", ["--model", "mymod:Net", "--model-args", "{width"], "not valid JSON"),
     ("model-args-list", ["--model", "mymod:Net", "--model-args", "[1]"], "not a JSON object"),
     ("model-args-unknown", ["--model", "mymod:Net", "--model-args", '{"depth": 3}'], "depth"),
-    ("model-args-builtin", ["--model", "mlp", "--model-args", '{"depth": 3}'], "--model-args is for MODULE:ATTR"),
+    ("model-args-builtin", ["--model", "mlp", "--model-args", '{"depth": 3}'], "applies to MODULE:ATTR models only"),
     ("shape-mismatch", ["--model", "mymod:Wide"], "failed on a batch of data mymod:data"),
     ("labels-out-of-range", ["--model", "mymod:Net", "--data", "mymod:bad_labels"], "class label"),
     ("data-not-data", ["--data", "mymod:not_data"], "returned str"),
@@ -149,7 +172,22 @@ BAD = [
     ("loss-missing", ["--loss", "mymod:nope"], "has no attribute 'nope'"),
     ("loss-unknown", ["--loss", "hinge"], "loss 'hinge' is unknown"),
     ("optimizer-not-optimizer", ["--optimizer", "mymod:not_an_optimizer"], "not a torch.optim.Optimizer"),
-    ("optimizer-args-unknown", ["--optimizer", "adam", "--optimizer-args", '{"moment": 0.9}'], "moment"),
+    ("optimizer-args-unknown", ["--optimizer", "adam", "--optimizer-args", '{"moment": 0.9}'],
+     "calling it as Adam(params, lr=0.01, moment=0.9) raised TypeError"),
+    # a keyword hvdtrain passes itself, given in --optimizer-args too: an error naming both (README: plug-ins)
+    ("optimizer-args-lr", ["--optimizer", "torch.optim:AdamW", "--optimizer-args", '{"lr": 0.003}'],
+     '--optimizer-args sets "lr" and so does --lr (its default 0.01); give it once: use --lr 0.003'),
+    ("optimizer-args-lr-both", ["--optimizer", "adam", "--lr", "0.1", "--optimizer-args", '{"lr": 0.003}'],
+     'so does --lr (0.1); give it once: use --lr 0.003'),
+    ("optimizer-args-momentum", ["--optimizer", "sgd", "--optimizer-args", '{"momentum": 0.9}'],
+     '--optimizer-args sets "momentum" and so does --momentum (its default 0); give it once: use --momentum 0.9'),
+    ("optimizer-args-params", ["--optimizer", "adam", "--optimizer-args", '{"params": []}'],
+     '--optimizer-args sets "params", which hvdtrain passes itself'),
+    # a plug-in whose signature does not take what hvdtrain passes: how it was called, no traceback
+    ("optimizer-signature", ["--optimizer", "mymod:no_lr_optimizer"],
+     "calling it as no_lr_optimizer(params, lr=0.01) raised TypeError"),
+    ("loss-signature", ["--loss", "mymod:LossNeedsArg"], "calling it as LossNeedsArg() raised TypeError"),
+    ("model-signature", ["--model", "mymod:Net", "--model-args", '{"width": "wide"}'], "Net(width='wide')"),
     ("backend-not-strategy", ["--backend", "mymod:Net"], "not a SyncStrategy subclass"),
     ("amp-fp16-on-cpu", ["--amp", "fp16"], "amp fp16 needs a GPU"),
     ("amp-unknown", ["--amp", "int8"], "amp 'int8' is unknown"),
@@ -166,9 +204,11 @@ BAD = [
     ("hierarchy-not-multiple", ["--hierarchy", "4,10"], "multiple of K_LOCAL"),
     ("hierarchy-text", ["--hierarchy", "a,b"], "'a,b'"),
     ("eval-every-negative", ["--eval-every", "-1"], "eval_every"),
-    ("ddp-accumulation", ["--backend", "ddp", "--backward-passes-per-step", "2"], "backward_passes_per_step 1"),
+    ("ddp-accumulation", ["--backend", "ddp", "--backward-passes-per-step", "2"],
+     "--backward-passes-per-step 2 applies to backend horovod only, but the backend is 'ddp'"),
     # Horovod's local accumulation: the loop no longer applies it to the strategies that do not take it
-    ("single-accumulation", ["--backward-passes-per-step", "2"], "backend 'single' takes backward_passes_per_step 1"),
+    ("single-accumulation", ["--backward-passes-per-step", "2"],
+     "applies to backend horovod only, but the backend is 'single'"),
 ]
 
 
@@ -194,6 +234,27 @@ def test_bad_plugin_two_ranks_ends_every_rank(user_dir):
     errors = [line for line in result.stdout.splitlines() if "hvdtrain: error" in line]
     assert len(errors) == 1 and "failed on a batch of data mymod:data" in errors[0], result.stdout[-2000:]
     assert "Traceback" not in result.stdout
+
+
+@pytest.mark.parametrize("launcher,backend,rank", [
+    pytest.param("python", "single", -1, id="one-process"),
+    pytest.param("mpirun", "mpi", -1, id="two-ranks-every-rank", marks=pytest.mark.mpi),
+    pytest.param("mpirun", "mpi", 1, id="two-ranks-rank-1", marks=pytest.mark.mpi)])
+def test_an_error_in_the_users_code_is_one_traceback(user_dir, launcher, backend, rank):
+    """The user's model raises at step 3 (after the start-up probe): its traceback, where the user
+    debugs, printed once by one rank, one hvdtrain line, Open MPI's banner at most once, exit 1."""
+    result = train(user_dir, "--model", "mymod:BoomAt3", "--model-args", json.dumps({"rank": rank}), "--data",
+                   "mymod:data", "--batch-size", "16", launcher=launcher, backend=backend)
+    out = result.stdout + (result.stderr if launcher == "python" else "")
+    assert result.returncode == 1, out[-3000:]
+    assert out.count("Traceback (most recent call last)") == 1, out[-6000:]
+    assert out.count("RuntimeError: boom in the user's forward at step 3") == 1, out[-6000:]
+    assert 'mymod.py", line' in out  # the user's own frame
+    failed = 0 if rank == -1 else rank
+    assert [line for line in out.splitlines() if line.startswith("hvdtrain:")] == [
+        f"hvdtrain: rank {failed} failed; ending the job"], out[-3000:]
+    assert out.count("MPI_ABORT was invoked") <= 1 and "more process has sent help message" not in out, out[-3000:]
+    assert not (user_dir / "out" / "summary.json").exists()
 
 
 def test_example_resnet18_is_torchvisions_architecture():

@@ -38,7 +38,7 @@ def test_readme_script_one_process(script):
     assert result.returncode == 0, result.stderr[-3000:]
     assert accuracy(result.stdout) > 0.95
     summary = json.loads((script.parent / "runs" / "mine" / "summary.json").read_text())
-    assert summary["backend"] == "single" and summary["config"]["sync"]["sync_every"] == 4
+    assert summary["backend"] == "single" and summary["config"]["sync"]["sync_every"] == 1  # mpi's setting
 
 
 @pytest.mark.mpi
@@ -54,3 +54,4 @@ def test_readme_script_two_ranks(script, launcher, backend):
     assert accuracy(result.stdout) > 0.95
     summary = json.loads((script.parent / "runs" / "mine" / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["backend"] == backend
+    assert summary["config"]["sync"]["sync_every"] == (4 if backend == "mpi" else 1)

@@ -30,6 +30,16 @@ ONE_HOST = {"OMPI_MCA_coll_tuned_use_dynamic_rules": "1",
             "OMPI_MCA_coll_tuned_allreduce_algorithm": "5",  # segmented ring
             "OMPI_MCA_coll_tuned_allreduce_algorithm_segmentsize": "262144"}
 """Given only when every rank is on one host, where they were measured (`horovod_env_defaults`)."""
+MPIRUN = {"OMPI_MCA_odls_base_sigkill_timeout": "5"}
+"""Read by mpirun and its orted daemons, not by the ranks (so not in the ranks' MPI_T read-back):
+given by the launcher-side entry points only (launcher_env; `--sh --mpirun` for mpi_jobs/).
+On Ctrl-C (SIGINT) or SIGTERM, Open MPI 4.1's mpirun sends its ranks SIGCONT, waits this many
+seconds, sends SIGTERM, waits as long again, then SIGKILLs them. The SIGTERM is the ranks' stop
+request (hvdtrain.cli.StopFlag): they need the second wait to reach the next metrics flush
+(--log-every), agree to stop, write a checkpoint and exit 99. Open MPI's default, 1 s, is too short
+for that (measured: with --log-every 3000 the ranks were killed mid-run, no checkpoint); 5 s gives
+a clean stop of a job whose --log-every steps take up to a few seconds, and mpirun returns 10 s
+after Ctrl-C (it waits both times in full). Slower steps: export a larger value, or lower --log-every."""
 STALL_KEYS = ("HOROVOD_STALL_CHECK_TIME_SECONDS", "HOROVOD_STALL_SHUTDOWN_TIME_SECONDS")
 """Horovod's own stall check, derived from --collective-timeout (`stall_defaults`)."""
 MCA_PREFIX = "OMPI_MCA_"
@@ -214,8 +224,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hosts", default=None, help="H1:slots,H2:slots when the ranks span hosts")
     p.add_argument("--local-size", type=int, default=None, help="ranks on the first host (default: --np, "
                                                                 "or from --hosts)")
+    p.add_argument("--mpirun", action="store_true", help="the job is started by mpirun: also mpirun's own "
+                                                         "settings (how long ranks get to stop on Ctrl-C)")
     args = p.parse_args(argv)
-    env = job_env_defaults(args.np, args.hosts, args.local_size)
+    env = {**job_env_defaults(args.np, args.hosts, args.local_size), **(MPIRUN if args.mpirun else {})}
     print(shell_exports(env) if args.sh else "\n".join(f"{k}={v}" for k, v in env.items()))
     return 0
 

@@ -17,7 +17,8 @@ evaluation, summary); this strategy only changes three things behind the SyncStr
 - The run's own record: OUT/elastic.jsonl (rank 0: a `world` line at every (re)start with each
   rank's host and block rows, a `commit` line at every commit), the summary's `world_sizes`,
   `resets` and `segments`, and OUT/ranks/rank-R.json (every rank of the final world: its host and
-  a SHA-256 of its final state, so the replicas can be compared).
+  a SHA-256 of its final state, so the replicas can be compared). A write of these files that
+  fails (disk full, read-only, ...) stops every worker together with one line (exit 74).
 
 An epoch is a count of global samples: after a resize each rank goes on with its new block's
 shuffle from the same fraction of the epoch, so an epoch that spans a resize trains on as many
@@ -47,9 +48,9 @@ import horovod.torch as hvd
 import torch
 
 from hvdtrain import data as D
-from hvdtrain.checkpoint import atomic_write_text
+from hvdtrain.checkpoint import append_text, atomic_write_text, spread_write_error
 from hvdtrain.config import TrainConfig
-from hvdtrain.errors import ConfigError
+from hvdtrain.errors import ConfigError, WriteError
 from hvdtrain.strategies.horovod_allreduce import HorovodAllreduce
 
 T = TypeVar("T")
@@ -163,16 +164,20 @@ class ElasticHorovod(HorovodAllreduce):
         self._steps_epoch = steps_epoch
         state, previous = self.state, self._announce
         members = self.comm.allgather_object((socket.gethostname(), rows))
-        if self.rank != 0:
-            return
-        if previous is None and state.step == 0:
-            atomic_write_text("", self._log_path())  # a fresh run: no lines of an earlier one
-        change = f"world size {previous} -> {self.size}" if previous else f"world size {self.size}"
-        print(f"hvdtrain: elastic: {change} at step {state.step} (resets {len(state.segments) - 1}), "
-              f"hosts {' '.join(h for h, _ in members)}", flush=True)
-        self._log({"event": "world", "step": state.step, "world_size": self.size,
-                   "resets": len(state.segments) - 1, "hosts": [h for h, _ in members],
-                   "block_rows": [n for _, n in members]})
+        error = None
+        if self.rank == 0:
+            change = f"world size {previous} -> {self.size}" if previous else f"world size {self.size}"
+            print(f"hvdtrain: elastic: {change} at step {state.step} (resets {len(state.segments) - 1}), "
+                  f"hosts {' '.join(h for h, _ in members)}", flush=True)
+            try:
+                if previous is None and state.step == 0:
+                    atomic_write_text("", self._log_path())  # a fresh run: no lines of an earlier one
+                self._log({"event": "world", "step": state.step, "world_size": self.size,
+                           "resets": len(state.segments) - 1, "hosts": [h for h, _ in members],
+                           "block_rows": [n for _, n in members]})
+            except WriteError as exc:
+                error = exc
+        spread_write_error(self.comm, error)  # hvdtrain: a failed write stops every worker together
 
     def after_step(self, step: int, model: torch.nn.Module) -> bool:
         state, rows = self.state, self._rows_per_step * self.size  # hvdtrain: every rank trained its rows
@@ -189,20 +194,28 @@ class ElasticHorovod(HorovodAllreduce):
     def checkpoint(self, step: int, save: Callable[[], Path | None]) -> None:
         """A commit: the state in host memory; raises HostsUpdatedInterrupt if the hosts changed."""
         self._close_segment()
+        error = None
         if self.rank == 0:
-            self._log({"event": "commit", "step": self.state.step, "world_size": self.size,
-                       "samples": self.state.samples, "resets": len(self.state.segments) - 1})
+            try:
+                self._log({"event": "commit", "step": self.state.step, "world_size": self.size,
+                           "samples": self.state.samples, "resets": len(self.state.segments) - 1})
+            except WriteError as exc:
+                error = exc
+        spread_write_error(self.comm, error)  # hvdtrain: before the commit, on every worker
         self.state.commit()
 
     def finish(self, model: torch.nn.Module, step: int) -> None:
         super().finish(model, step)
         self._close_segment()
-        folder = self.out / "ranks"
-        folder.mkdir(parents=True, exist_ok=True)
         record = {"rank": self.rank, "world_size": self.size, "host": socket.gethostname(),
                   "horovod_hostname": os.environ.get("HOROVOD_HOSTNAME"), "step": self.state.step,
                   "samples": self.state.samples, "sha256": state_hash(model)}
-        atomic_write_text(json.dumps(record) + "\n", folder / f"rank-{self.rank}.json")
+        error = None
+        try:  # every worker writes its own record (atomic_write makes the folder)
+            atomic_write_text(json.dumps(record) + "\n", self.out / "ranks" / f"rank-{self.rank}.json")
+        except WriteError as exc:
+            error = exc
+        spread_write_error(self.comm, error)  # hvdtrain: any worker's failed write stops them all
 
     def broadcast_state(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
         """Nothing to do: hvd.elastic.run's state.sync() gave every rank rank 0's state."""
@@ -228,5 +241,4 @@ class ElasticHorovod(HorovodAllreduce):
         return self.out / "elastic.jsonl"
 
     def _log(self, record: dict[str, Any]) -> None:
-        with self._log_path().open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        append_text(json.dumps(record) + "\n", self._log_path())

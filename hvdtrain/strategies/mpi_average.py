@@ -154,6 +154,7 @@ class MPIAverage(SyncStrategy):
                sizes: list[int]) -> torch.optim.Optimizer:
         params = list(model.parameters())
         params += [b for b in float_buffers(model) if b.dtype == params[0].dtype]
+        self._in_flat = {id(t) for t in params}  # broadcast with the flat buffer itself
         cfg = self.sync_cfg
         self.weights = weights = averaging_weights(sizes, cfg.weights)  # w_j: rows share, or --weights
         self.averager = FlatAverager(self.comm.mpi, params, weights[self.rank], cfg.alpha, cfg.mpi_allreduce)
@@ -265,7 +266,10 @@ class MPIAverage(SyncStrategy):
         self.averager.broadcast(0)
         mpi = self.comm.mpi
         for buf in model.buffers():  # buffers outside the flat buffer, e.g. BatchNorm's step count
-            buf.copy_(mpi.bcast(buf.detach().cpu() if self.rank == 0 else None, root=0))
+            if id(buf) in self._in_flat:
+                continue
+            # clone: a view pickles its whole storage (the flat buffer, tens of MB for ResNet-18)
+            buf.copy_(mpi.bcast(buf.detach().cpu().clone() if self.rank == 0 else None, root=0))
         state = mpi.bcast(optimizer.state_dict() if self.rank == 0 else None, root=0)
         if self.rank != 0:
             optimizer.load_state_dict(state)

@@ -39,7 +39,8 @@ from hvdtrain.comm.env import job_env_defaults
 from hvdtrain.tools import tables
 from hvdtrain.tools.allreduce_impls import (DEFAULT_IMPLS, HVDTRAIN_CONFIGURED, IMPLS, BenchGroup,
                                               horovod_env_defaults, open_impl)
-from hvdtrain.tools.launch import TIMEOUT_EXIT, horovodrun_cmd, host_args, launcher_env, parse_hosts, run
+from hvdtrain.tools.launch import (TIMEOUT_EXIT, check_capacity, ends_its_jobs, horovodrun_cmd, host_args,
+                                   launcher_env, parse_hosts, run)
 
 ROWS_FILE, JSON_FILE, PNG_FILE = "allreduce.rows.jsonl", "allreduce.json", "allreduce.png"
 
@@ -283,6 +284,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--hosts", help="run the MPI and Horovod jobs across hosts H1:slots,H2:slots "
                    "(memcpy stays here); --out must be visible to every host at the same path")
     p.add_argument("--label", help="what the JSON and plot title say about the links (e.g. '1 GbE')")
+    p.add_argument("--oversubscribe", action="store_true",
+                   help="run more than 8 ranks per core on a host anyway (refused otherwise)")
     p.add_argument("--master-addr", help=argparse.SUPPRESS)
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--rows", type=Path, help=argparse.SUPPRESS)
@@ -296,9 +299,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     byte_sizes(args.min_bytes, args.max_bytes, args.factor)  # validate early, with the values
     if args.hosts is not None:
         args.hosts = parse_hosts(args.hosts, args.np)  # ValueError: one line, exit 2, nothing launched
+    if not args.worker:
+        check_capacity(args.np, args.hosts, args.oversubscribe)
     return args
 
 
+@ends_its_jobs("hvdtrain bench allreduce", rank_flags=("--worker",))
 def main(argv: list[str]) -> int:
     """Run the benchmark (or, with the hidden --worker, one rank of one job); 0 if every job ran."""
     try:

@@ -36,6 +36,7 @@ from hvdtrain.checkpoint import atomic_write_text
 from hvdtrain.config import BY_KWARG, field_default
 from hvdtrain.errors import ConfigError
 from hvdtrain.strategies import STRATEGIES, Variant
+from hvdtrain.tools.launch import check_capacity, ends_its_jobs
 
 TUNED_OUTER = (1.0, 0.5)
 """Outer Nesterov lr, momentum of the tuned variant: with only tens of syncs per run DiLoCo's
@@ -397,6 +398,8 @@ def build_parser() -> Any:
                    help="run a (workload, lr) group again when other processes took more than this share of "
                         "the CPU during one of its runs (0: never; e.g. 0.1 on a shared machine)")
     p.add_argument("--retries", type=int, default=2, help="most extra attempts per group for --retry-busy")
+    p.add_argument("--oversubscribe", action="store_true",
+                   help="run more than 8 ranks per core on a host anyway (refused otherwise)")
     return p
 
 
@@ -462,6 +465,7 @@ def plan_matrix(args: Any, out: Path) -> tuple[dict[str, Workload], int, str | N
     from hvdtrain.cli import check_train_args
     workloads, k = settings(args)
     hosts = hosts_from_env(args.np) if args.hosts_from_env else None
+    check_capacity(args.np, hosts, args.oversubscribe)
     keys = {key for key, _ in strategies(k, k, True, seconds=1.0)}
     wanted = {s.strip() for s in args.strategies.split(",") if s.strip()} | {"horovod"}
     if args.strategies and not wanted <= keys:
@@ -511,6 +515,7 @@ def run_group(args: Any, name: str, lr: float, runs: list[tuple[str, Variant]], 
     return min(tries, key=busy)  # the quietest attempt: the same losses (seeded), cleaner times
 
 
+@ends_its_jobs("hvdtrain bench convergence")
 def main(argv: list[str]) -> int:
     from hvdtrain.tools.bench_allreduce import link_shaping
     from hvdtrain.tools.bench_train import machine

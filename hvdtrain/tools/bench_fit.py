@@ -14,6 +14,7 @@ from typing import Any
 
 from hvdtrain.tools import tables
 from hvdtrain.checkpoint import atomic_write_text
+from hvdtrain.tools.launch import ends_its_jobs
 
 COLUMNS = [("loop", "loop", "{}"), ("samples/s (median)", "samples_per_sec", "{:.0f}"),
            ("min", "min", "{:.0f}"), ("max", "max", "{:.0f}"), ("vs plain", "vs_plain", "{:.3f}"),
@@ -58,6 +59,7 @@ def fit_loop(model: Any, train: Any, evald: Any, epochs: int, batch: int, lr: fl
     return {"samples_per_sec": s["samples_per_sec"], "eval_accuracy": s["eval_accuracy"], "steps": s["steps"]}
 
 
+@ends_its_jobs("hvdtrain bench fit")
 def main(argv: list[str]) -> int:
     from hvdtrain.tools.bench_train import machine
     from hvdtrain.cli import Parser

@@ -33,7 +33,7 @@ from typing import Any, Callable, NamedTuple
 from hvdtrain.tools import tables
 from hvdtrain.checkpoint import atomic_write_text
 from hvdtrain.errors import ConfigError
-from hvdtrain.tools.launch import horovodrun_cmd, launcher_env, mpirun_args, run
+from hvdtrain.tools.launch import check_capacity, ends_its_jobs, horovodrun_cmd, launcher_env, mpirun_args, run
 
 
 class Job(NamedTuple):
@@ -345,6 +345,8 @@ def build_parser() -> argparse.ArgumentParser:
                         + ", ".join(PEERS))
     p.add_argument("--timeout", type=float, default=1800, help="seconds per job")
     p.add_argument("--out", default="runs/bench-synthetic", help="folder for synthetic.json and the runs")
+    p.add_argument("--oversubscribe", action="store_true",
+                   help="run more than 8 ranks per core anyway (refused otherwise)")
     return p
 
 
@@ -354,6 +356,10 @@ def check(args: argparse.Namespace) -> tuple[dict[str, Any], list[Job]]:
         if getattr(args, name) < 1:
             flag = "--" + name.replace("_", "-")
             raise ConfigError(f"{flag} must be >= 1, got {getattr(args, name)}; use e.g. {flag} 2")
+    try:
+        check_capacity(args.np, oversubscribe=args.oversubscribe)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     if args.num_warmup_batches < 0 or args.threads < 0 or not args.timeout > 0:
         raise ConfigError(f"--num-warmup-batches and --threads must be >= 0 and --timeout > 0, got "
                           f"{args.num_warmup_batches}, {args.threads}, {args.timeout}; use e.g. 2, 0, 1800")
@@ -377,6 +383,7 @@ def check(args: argparse.Namespace) -> tuple[dict[str, Any], list[Job]]:
     return s, selection
 
 
+@ends_its_jobs("hvdtrain bench synthetic")
 def main(argv: list[str]) -> int:
     from hvdtrain.comm.env import job_env_defaults
     from hvdtrain.tools.bench_train import machine

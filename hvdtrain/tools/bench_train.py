@@ -29,7 +29,7 @@ from hvdtrain import data as D
 from hvdtrain.checkpoint import atomic_write_text
 from hvdtrain.config import BY_KWARG, field_default
 from hvdtrain.tools import tables
-from hvdtrain.tools.launch import horovodrun_cmd, mpirun_args, run
+from hvdtrain.tools.launch import check_capacity, ends_its_jobs, horovodrun_cmd, mpirun_args, run
 
 NO_COMM_K = 1_000_000_000
 """sync_every larger than any run: the MPI fallback then only averages once, after the last step."""
@@ -247,9 +247,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--memory-rows", type=int, default=0, help="rows for the peak-RSS check (0: skip)")
     p.add_argument("--memory-base-rows", type=int, default=20_000, help="rows of its tiny reference set")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per run")
+    p.add_argument("--oversubscribe", action="store_true",
+                   help="run more than 8 ranks per core anyway (refused otherwise)")
     return p
 
 
+@ends_its_jobs("hvdtrain bench train")
 def main(argv: list[str]) -> int:
     args, extra = build_parser().parse_known_args(argv)
     try:
@@ -261,6 +264,11 @@ def main(argv: list[str]) -> int:
         sys.stderr.write(f"hvdtrain: error: need --np >= 1 (got {args.np}), --repeat >= 1 (got {args.repeat}), "
                          f"--hidden and --sync-every as positive integers (got {args.hidden!r}, {args.sync_every!r}); "
                          f"use e.g. --np 2 --hidden 1024,1024 --sync-every 1,16\n")
+        return 2
+    try:
+        check_capacity(args.np, oversubscribe=args.oversubscribe)
+    except ValueError as exc:
+        sys.stderr.write(f"hvdtrain: error: {exc}\n")
         return 2
     out = Path(args.out).resolve()
     folder = regression_set(out, args.rows, args.seed)

@@ -19,10 +19,11 @@ from hvdtrain import data as D
 from hvdtrain.tools import tables
 from hvdtrain.cli import check_train_args
 from hvdtrain.config import BY_KWARG, MPI_ALLREDUCES, field_default
-from hvdtrain.errors import ConfigError
+from hvdtrain.errors import EXIT_WRITE, ConfigError, WriteError
 from hvdtrain.plugins import is_spec
 from hvdtrain.checkpoint import atomic_write_text
-from hvdtrain.tools.launch import horovodrun_cmd, launcher_env, mpirun_cmd, parse_hosts, run
+from hvdtrain.tools.launch import (check_capacity, ends_its_jobs, horovodrun_cmd, launcher_env, mpirun_cmd,
+                                   parse_hosts, run)
 from hvdtrain.strategies import Variant as Strategy, variants
 
 
@@ -45,8 +46,7 @@ def run_strategy(s: Strategy, np: int, out: Path, train_args: list[str], timeout
            else mpirun_cmd(np, argv, hosts=hosts))
     print(f"$ {' '.join(cmd)}", flush=True)
     result = run(cmd, timeout=timeout, env=launcher_env(np=np, hosts=hosts))
-    (out / "logs").mkdir(parents=True, exist_ok=True)
-    (out / "logs" / f"{_slug(s.label)}.log").write_text(result.stdout)
+    atomic_write_text(result.stdout, out / "logs" / f"{_slug(s.label)}.log")
     if result.returncode != 0:
         tail = result.stdout.strip().splitlines()[-5:]
         raise RuntimeError(f"{s.label} exited {result.returncode}: " + " | ".join(tail))
@@ -93,10 +93,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hosts", default=None,
                    help="run across hosts H1:slots,H2:slots (mpirun --host, horovodrun -H); default: "
                         "this host. --out must be on a file system all hosts see at the same path")
+    p.add_argument("--oversubscribe", action="store_true",
+                   help="run more than 8 ranks per core on a host anyway (refused otherwise)")
     return p
 
 
+@ends_its_jobs("hvdtrain compare")
 def main(argv: list[str]) -> int:
+    try:
+        return _main(argv)
+    except WriteError as exc:  # a log, compare.json, report.md or a plot: one line, no traceback
+        sys.stderr.write(f"hvdtrain: error: {exc}\n")
+        return EXIT_WRITE
+
+
+def _main(argv: list[str]) -> int:
     args, train_args = build_parser().parse_known_args(argv)
     if args.np < 1 or args.rows < 1 or args.seed < 0:
         bad = "--np" if args.np < 1 else "--rows" if args.rows < 1 else "--seed"
@@ -112,6 +123,7 @@ def main(argv: list[str]) -> int:
         return 2
     try:
         hosts = None if args.hosts is None else parse_hosts(args.hosts, args.np)
+        check_capacity(args.np, hosts, args.oversubscribe)
     except ValueError as exc:
         sys.stderr.write(f"hvdtrain: error: {exc}\n")
         return 2

@@ -28,7 +28,8 @@ from typing import Any
 
 from hvdtrain import __version__
 from hvdtrain.errors import ConfigError
-from hvdtrain.tools.launch import TIMEOUT_EXIT, horovodrun_cmd, launcher_env, mpirun_cmd, run
+from hvdtrain.tools.launch import (TIMEOUT_EXIT, check_capacity, ends_its_jobs, horovodrun_cmd, launcher_env,
+                                   mpirun_cmd, run)
 from hvdtrain.layout import detect_layout
 
 MARK = "HVDTRAIN_DOCTOR "
@@ -243,11 +244,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=120, help="seconds per smoke test (default 120)")
     p.add_argument("--json", metavar="FILE", help="also write the report as JSON")
     p.add_argument("--no-smoke", action="store_true", help="report only; launch no jobs")
+    p.add_argument("--oversubscribe", action="store_true",
+                   help="run more than 8 ranks per core anyway (refused otherwise)")
     p.add_argument("--probe", choices=("torch", "horovod", "mpi"), help=argparse.SUPPRESS)
     p.add_argument("--rank-smoke", choices=("mpi4py", "horovod"), help=argparse.SUPPRESS)
     return p
 
 
+@ends_its_jobs("hvdtrain doctor", rank_flags=("--probe", "--rank-smoke"))
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     if args.probe:  # child process: one JSON line, errors included, never a traceback
@@ -261,6 +265,12 @@ def main(argv: list[str]) -> int:
         return rank_smoke(args.rank_smoke)
     if args.np < 1 or args.timeout <= 0:  # exits 2, as any bad option does
         build_parser().error(f"--np {args.np} and --timeout {args.timeout:g} must be positive; use e.g. --np 2")
+    try:
+        if not args.no_smoke:
+            check_capacity(args.np, oversubscribe=args.oversubscribe)
+    except ValueError as exc:
+        sys.stderr.write(f"hvdtrain: error: {exc}\n")
+        return 2
     print(f"hvdtrain doctor: hvdtrain {__version__}, Python {platform.python_version()} ({sys.executable}), "
           f"{os.cpu_count()} cores", flush=True)
     env = launcher_env()

@@ -15,6 +15,8 @@ import matplotlib
 matplotlib.use("Agg")  # files only: never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
 
+from hvdtrain.checkpoint import atomic_write, writing  # noqa: E402
+
 Series = tuple[list[float], list[float]]
 STYLES = ("-", "--", ":", "-.")
 
@@ -73,9 +75,11 @@ VIEWS: list[tuple[str, str, str, str, Callable[[dict[str, Any]], Series], bool]]
 
 
 def compare_plots(results: list[dict[str, Any]], out: Path, title: str) -> list[str]:
-    """Write one PNG per view into `out`; return their file names (for report.md links)."""
+    """Write one PNG per view into `out`; return their file names (for report.md links). Each PNG
+    is written beside its name and renamed when complete; a failed write is a WriteError."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    with writing(out):
+        out.mkdir(parents=True, exist_ok=True)
     runs = [r for r in results if r.get("metrics")]
     if not runs:
         return []
@@ -95,7 +99,9 @@ def compare_plots(results: list[dict[str, Any]], out: Path, title: str) -> list[
         ax.grid(True, alpha=0.3)
         ax.legend()
         fig.tight_layout()
-        fig.savefig(out / name, dpi=100)
-        plt.close(fig)
+        try:
+            atomic_write(out / name, "wb", lambda f: fig.savefig(f, format="png", dpi=100))
+        finally:
+            plt.close(fig)
         names.append(name)
     return names

@@ -24,6 +24,12 @@ def config(out: Path, **sections):
     return load_config(None, base)
 
 
+def periodic(backend: str, k: int) -> dict:
+    """The [sync] table of `backend`, averaging every k steps when it is the MPI fallback (the only
+    backend sync_every applies to: config.APPLIES)."""
+    return {"backend": backend, **({"sync_every": k} if backend == "mpi" else {})}
+
+
 def barrier(hvd):
     hvd.allreduce(torch.zeros(1), name="barrier")
 
@@ -106,7 +112,7 @@ def test_equivalence_mpi_k1_equals_horovod(hvd, shared_dir):
 @pytest.mark.parametrize("backend_name", BACKENDS)
 def test_replicas_identical_after_every_sync(hvd, backend_name):
     """Parameters *and* buffers (BatchNorm statistics) agree after each sync, differ between syncs."""
-    cfg = load_config(None, {"sync": {"backend": backend_name, "sync_every": 3}, "seed": 1})
+    cfg = load_config(None, {"sync": periodic(backend_name, 3), "seed": 1})
     backend = make_strategy(cfg)
     torch.manual_seed(backend.rank)  # different initial weights on every rank: the broadcast must fix it
     model = torch.nn.Sequential(torch.nn.Linear(10, 16), torch.nn.BatchNorm1d(16), torch.nn.ReLU(),
@@ -165,7 +171,7 @@ def test_loss_decreases(hvd, shared_dir, backend_name, dataset):
     folder = make_data(hvd, shared_dir / dataset, dataset, rows=3000)
     model = {"name": "net"} if dataset == "regression" else {"name": "mlp", "hidden": [64]}
     cfg = config(shared_dir / "out", data={"path": str(folder)}, model=model, epochs=3, batch_size=16,
-                 optim={"name": "adam", "lr": 0.01}, sync={"backend": backend_name, "sync_every": 4})
+                 optim={"name": "adam", "lr": 0.01}, sync=periodic(backend_name, 4))
     summary, _ = run(hvd, cfg)
     if hvd.rank() == 0:
         assert summary["final_loss"] < 0.5 * summary["first_loss"], summary
@@ -178,7 +184,7 @@ def test_loss_decreases(hvd, shared_dir, backend_name, dataset):
 def test_resume_is_exact(hvd, shared_dir, backend_name):
     folder = make_data(hvd, shared_dir / "data", rows=64 * hvd.size())
     common = dict(data={"path": str(folder)}, optim={"name": "sgd", "lr": 0.05, "momentum": 0.9},
-                  epochs=3, batch_size=8, sync={"backend": backend_name, "sync_every": 3})
+                  epochs=3, batch_size=8, sync=periodic(backend_name, 3))
     _, straight = run(hvd, config(shared_dir / "straight", **common))
 
     calls = {"n": 0}

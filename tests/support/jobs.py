@@ -11,23 +11,46 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import time
 from pathlib import Path
 from typing import Sequence
 
 TIMEOUT_EXIT = 124  # the exit code reported for a job killed at its timeout (as timeout(1) does)
 
 
-def kill_session(leader: int) -> None:
-    """SIGKILL every process whose session is `leader`'s: its process group is not enough, since
-    mpirun puts each ssh child in a process group of its own (and those hold the job's pipes)."""
+def _session_alive(leader: int) -> list[int]:
+    """Processes of the session `leader` started that are not yet dead (zombies count as dead)."""
+    found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
-            if os.getsid(int(entry.name)) == leader:
-                os.kill(int(entry.name), signal.SIGKILL)
-        except OSError:  # gone already, or not ours to see
-            pass
+            if os.getsid(int(entry.name)) != leader:
+                continue
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):  # gone already, or not ours to see
+            continue
+        if state not in ("Z", "X"):
+            found.append(int(entry.name))
+    return found
+
+
+def kill_session(leader: int, wait: float = 10.0) -> None:
+    """SIGKILL every process whose session is `leader`'s (its process group is not enough: mpirun
+    puts each ssh child in a process group of its own, and those hold the job's pipes), and wait up
+    to `wait` s until none is left running: SIGKILL takes effect asynchronously, and a process forked
+    while the first pass ran is caught by the next."""
+    deadline = time.monotonic() + wait
+    while True:
+        alive = _session_alive(leader)
+        if not alive or time.monotonic() > deadline:
+            return
+        for pid in alive:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        time.sleep(0.05)
 
 
 def start(cmd: Sequence[str], *, env: dict[str, str] | None = None, cwd: str | Path | None = None,
