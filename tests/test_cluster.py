@@ -230,7 +230,7 @@ def test_training_across_hosts_matches_one_host(cluster, tmp_path):
 
     errors = {label: max_rel_err(m, models["mpirun horovod"]) for label, m in models.items()}
     print(f"{cluster.n} hosts: max relative error vs cross-host Horovod (mpirun):", errors, file=sys.stderr)
-    assert all(e <= 1e-6 for e in errors.values()), errors
+    assert all(e <= 1e-12 for e in errors.values()), errors  # float64; README: measured <= 3e-14
 
 
 def torch_load(path: Path) -> dict:
@@ -262,5 +262,5 @@ def test_hierarchy_across_hosts_keeps_the_weights(cluster, tmp_path):
     same, apart = max_rel_err(models["hier4,4"], models["k4"]), max_rel_err(models["hier2,4"], models["k4"])
     print(f"hierarchy across 2 hosts: 4,4 vs k=4 {same:.2e}; 2,4 vs k=4 {apart:.2e}, "
           f"vs k=2 {max_rel_err(models['hier2,4'], models['k2']):.2e}", file=sys.stderr)
-    assert same <= 1e-9
+    assert same <= 1e-12  # float64; measured 2.5e-15
     assert apart > 1e-6 and max_rel_err(models["hier2,4"], models["k2"]) > 1e-6
