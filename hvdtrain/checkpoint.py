@@ -16,7 +16,7 @@ from typing import IO, Any, Callable, Iterator
 
 import torch
 
-from hvdtrain.errors import ConfigError, WriteError
+from hvdtrain.errors import ConfigError, WriteError, writing
 
 FORMAT = 1
 _NAME = re.compile(r"^ckpt-(\d{8})\.pt$")
@@ -49,33 +49,6 @@ def _temp_file(path: Path) -> tuple[int, str]:
             return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666), str(tmp)
         except FileExistsError:
             continue
-
-
-_FIXES = {errno.ENOSPC: "free space or choose another --out",
-          errno.EDQUOT: "free space within your quota or choose another --out",
-          errno.EROFS: "choose another --out on a writable file system",
-          errno.EACCES: "make it writable for this user or choose another --out",
-          errno.EPERM: "make it writable for this user (or not immutable) or choose another --out"}
-
-
-def write_error(path: str | Path, exc: OSError) -> WriteError:
-    """The WriteError for `exc` raised while writing `path`: 'cannot write PATH: REASON (ENAME); FIX'."""
-    code = exc.errno
-    reason = exc.strerror or str(exc) or type(exc).__name__
-    name = f" ({errno.errorcode[code]})" if code in errno.errorcode else ""
-    fix = _FIXES.get(code, "check the file system or choose another --out")  # type: ignore[arg-type]
-    return WriteError(str(path), code, reason, f"cannot write {path}: {reason}{name}; {fix}")
-
-
-@contextlib.contextmanager
-def writing(path: str | Path) -> Iterator[None]:
-    """Around a write of `path`: an OSError becomes the WriteError naming `path`."""
-    try:
-        yield
-    except WriteError:
-        raise
-    except OSError as exc:
-        raise write_error(path, exc) from None
 
 
 def atomic_write(path: str | Path, mode: str, write: Callable[[IO[Any]], None]) -> None:

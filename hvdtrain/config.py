@@ -56,6 +56,15 @@ def _check_name(kind: str, value: Any, flag: str) -> None:
            f"or MODULE:ATTR with {flag}")
 
 
+def _utf8(text: str) -> bool:
+    """Is `text` valid UTF-8 (no surrogates left from undecodable bytes in argv or a path)?"""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _check(ok: bool, message: str) -> None:
     if not ok:
         raise ConfigError(message)
@@ -136,9 +145,9 @@ class OptimConfig:
                                                  f"of {', '.join(LR_SCHEDULES)}")
         _check(isinstance(self.warmup_steps, int) and self.warmup_steps >= 0,
                f"warmup_steps must be an integer >= 0, got {self.warmup_steps!r}; use e.g. --warmup-steps 100")
-        _check(math.isfinite(self.lr) and 0 < self.lr <= FLOAT32_MAX,
-               f"lr must be > 0 (and at most {FLOAT32_MAX:.3g}: torch applies it in float32), got {self.lr!r}; "
-               f"use e.g. --lr 0.01")
+        _check(math.isfinite(self.lr) and self.lr > 0, f"lr must be > 0, got {self.lr!r}; use e.g. --lr 0.01")
+        _check(self.lr <= FLOAT32_MAX, f"lr must be at most {FLOAT32_MAX:.4g} (torch applies it in float32), got "
+                                       f"{self.lr!r}; use e.g. --lr 0.01")
         _check(math.isfinite(self.momentum) and 0 <= self.momentum < 1,
                f"momentum must be in [0, 1), got {self.momentum!r}; use e.g. --momentum 0.9")
 
@@ -192,7 +201,7 @@ class SyncConfig:
         _check(self.outer_optimizer in OUTER_OPTIMIZERS, f"outer_optimizer {self.outer_optimizer!r} is unknown; "
                                                          f"use one of {', '.join(OUTER_OPTIMIZERS)}")
         _check(math.isfinite(self.outer_lr) and 0 < self.outer_lr <= FLOAT32_MAX,
-               f"outer_lr must be > 0, got {self.outer_lr!r}; use e.g. --outer-lr 0.7")
+               f"outer_lr must be > 0 (and at most {FLOAT32_MAX:.4g}), got {self.outer_lr!r}; use e.g. --outer-lr 0.7")
         _check(math.isfinite(self.outer_momentum) and 0 <= self.outer_momentum < 1,
                f"outer_momentum must be in [0, 1), got {self.outer_momentum!r}; use e.g. --outer-momentum 0.9")
         _check(self.outer_optimizer == "none" or self.alpha == 1,
@@ -272,6 +281,9 @@ class TrainConfig:
         _check(isinstance(self.threads, int) and 0 <= self.threads <= THREADS_MAX,
                f"threads must be in [0, {THREADS_MAX}], got {_show(self.threads)}; use 0 for cores / local ranks")
         _check(bool(str(self.out)), "out must name a folder; use --out DIR")
+        _check(not self.tensorboard or _utf8(str(self.out)),
+               f"--tensorboard takes an --out that is valid UTF-8 (TensorBoard encodes its paths so), got "
+               f"{str(self.out)!r}; choose another --out, or drop --tensorboard")
         _check(math.isfinite(self.collective_timeout) and (self.collective_timeout == 0 or
                                                           1 <= self.collective_timeout <= TIMEOUT_MAX),
                f"collective_timeout must be 0 (never) or 1 to {TIMEOUT_MAX} seconds (Horovod's stall check counts "
@@ -373,8 +385,9 @@ def load_config(path: str | None = None, overrides: dict[str, dict[str, Any] | A
         _check(p.is_file(), f"config file {path!r} does not exist; pass an existing TOML file to --config")
         try:
             raw = tomllib.loads(p.read_text(encoding="utf-8"))
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"config file {path!r} is not valid TOML ({exc}); fix the syntax") from None
+        except ValueError as exc:  # TOMLDecodeError, UnicodeDecodeError, an integer of > 4300 digits
+            raise ConfigError(f"config file {path!r} is not valid TOML ({str(exc).splitlines()[0][:200]}); fix the "
+                              f"syntax") from None
         except OSError as exc:
             raise ConfigError(f"config file {path!r} cannot be read ({exc.strerror}); pass a readable TOML "
                               f"file to --config") from None

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from hvdtrain.catalog import DATASETS
-from hvdtrain.errors import ConfigError
+from hvdtrain.errors import ConfigError, write_error
 
 BUILTINS = tuple(DATASETS)  # the built-in sets (hvdtrain/catalog.py, which config validation reads too)
 REGRESSION_FEATURES = 10
@@ -256,7 +256,17 @@ def make_dataset(name: str, out: str | Path, rows: int | None = None, seed: int 
                  eval_fraction: float = 0.1, overwrite: bool = False) -> Path:
     """Write a built-in set to `out` atomically (temp folder + rename) and return the folder.
     `rows` and `seed` default to the settings' defaults ([data] rows and seed in config.py).
-    An existing `out` is refused unless `overwrite` (then replaced only once the new set is whole)."""
+    An existing `out` is refused unless `overwrite` (then replaced only once the new set is whole).
+    A write that fails (disk full, read-only, ...) is a ConfigError naming `out` and the reason: the
+    set is written before training, where every rank agrees on it (sources.resolve_folder)."""
+    try:
+        return _make_dataset(name, out, rows, seed, eval_fraction, overwrite)
+    except OSError as exc:
+        raise ConfigError(str(write_error(out, exc))) from None
+
+
+def _make_dataset(name: str, out: str | Path, rows: int | None, seed: int | None, eval_fraction: float,
+                  overwrite: bool) -> Path:
     out = Path(out)
     if name not in BUILTINS:
         raise ConfigError(f"built-in data set {name!r} is unknown; use one of {', '.join(BUILTINS)}")

@@ -1,6 +1,12 @@
 """The user-facing error types and every exit code hvdtrain's commands and job scripts use (kept
 here, at the bottom of the import graph, so every module and the slurm/ scripts read them from
 one place: `python -c 'from hvdtrain.errors import EXIT_PREEMPTED; print(EXIT_PREEMPTED)'`)."""
+from __future__ import annotations
+
+import contextlib
+import errno
+from pathlib import Path
+from typing import Iterator
 
 EXIT_OK = 0
 """The run finished."""
@@ -37,8 +43,8 @@ class WriteError(OSError):
     job it is raised on every rank together (`everywhere`), so no rank waits for the one that failed.
     """
 
-    def __init__(self, path: str, errno: int | None, reason: str, message: str, everywhere: bool = False) -> None:
-        super().__init__(errno, reason, path)
+    def __init__(self, path: str, code: int | None, reason: str, message: str, everywhere: bool = False) -> None:
+        super().__init__(code, reason, path)
         self.path, self.reason, self.message, self.everywhere = path, reason, message, everywhere
 
     def __str__(self) -> str:
@@ -46,3 +52,30 @@ class WriteError(OSError):
 
     def __reduce__(self):  # type: ignore[no-untyped-def]  (OSError's would drop the message)
         return type(self), (self.path, self.errno, self.reason, self.message, self.everywhere)
+
+
+_FIXES = {errno.ENOSPC: "free space or choose another --out",
+          errno.EDQUOT: "free space within your quota or choose another --out",
+          errno.EROFS: "choose another --out on a writable file system",
+          errno.EACCES: "make it writable for this user or choose another --out",
+          errno.EPERM: "make it writable for this user (or not immutable) or choose another --out"}
+
+
+def write_error(path: str | Path, exc: OSError) -> WriteError:
+    """The WriteError for `exc` raised while writing `path`: 'cannot write PATH: REASON (ENAME); FIX'."""
+    code = exc.errno
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    name = f" ({errno.errorcode[code]})" if code in errno.errorcode else ""
+    fix = _FIXES.get(code, "check the file system or choose another --out")  # type: ignore[arg-type]
+    return WriteError(str(path), code, reason, f"cannot write {path}: {reason}{name}; {fix}")
+
+
+@contextlib.contextmanager
+def writing(path: str | Path) -> Iterator[None]:
+    """Around a write of `path`: an OSError becomes the WriteError naming `path`."""
+    try:
+        yield
+    except WriteError:
+        raise
+    except OSError as exc:
+        raise write_error(path, exc) from None

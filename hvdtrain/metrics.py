@@ -22,8 +22,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, TextIO
 
-from hvdtrain.checkpoint import append_text, atomic_write_text, writing
-from hvdtrain.errors import WriteError
+from hvdtrain.checkpoint import append_text, atomic_write_text
+from hvdtrain.errors import WriteError, writing
 
 
 def _kept_lines(path: Path, resume_step: int) -> list[str]:

@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 BASE = {"epochs": "1", "batch_size": "16", "threads": "1", "log_every": "2"}  # small: a valid case trains fast
 NOT_FUZZED = {"out", "config"}  # --out is chosen per case (below); --config is the TOML form
-HUGE_INT = [10 ** 20, -10 ** 20, 2 ** 63, 10 ** 400]
+HUGE_INT = [str(10 ** 20), str(-10 ** 20), str(2 ** 63), str(10 ** 400), "1" + "0" * 5000]  # 5001 digits: no int
 HUGE_FLOAT = ["1e308", "1e309", "-1e309", "1" + "0" * 400]
 STR_CHOICES = {
     "backend": ["single", "auto", "bogus", "nosuchmod:Sync", "mpi4py:MPI"],
@@ -187,7 +187,7 @@ def generate(seed: int, sandbox: Path, configs: Path) -> dict[str, Any]:
         elif cls == "huge":
             if kwarg in ("epochs", "rows", "hidden"):  # valid but expensive: not generated
                 kwarg, s, kind = "seed", settings["seed"], "int"
-            value = str(rng.choice(HUGE_INT)) if kind in ("int", "ints") else rng.choice(HUGE_FLOAT) \
+            value = rng.choice(HUGE_INT) if kind in ("int", "ints") else rng.choice(HUGE_FLOAT) \
                 if kind in ("float", "floats") else "x" * 5000
         else:  # empty
             value = ""
@@ -422,6 +422,46 @@ def test_case(fuzz_results, seed):
     assert record["cwd_same"], where
     outside = [p for p in record["changed"] + record["gone"] if not _inside(p, case["out"])]
     assert not outside, f"written outside --out {case['out']!r}: {outside}\n{where}"
+
+
+# --- what the fuzz found, pinned (each was a traceback or a crash before) ---------------------------
+
+@pytest.mark.parametrize("toml,overrides,needle", [
+    ("", {"seed": 10 ** 20}, "--seed (TOML seed) 100000000000000000000 is out of range"),  # torch.manual_seed overflow
+    ("", {"model": {"name": "mlp", "hidden": [10 ** 30]}}, "integers must lie in [-2**63, 2**63)"),  # torch.empty
+    ("[optim]\nmomentum = 1" + "0" * 400 + "\n", {}, "a number must fit in a float"),  # OverflowError in isfinite
+    ("[sync]\nalpha = 1" + "0" * 400 + "\n", {}, "--alpha (TOML sync.alpha)"),
+    ("seed = 1" + "0" * 5000 + "\n", {}, "is not valid TOML (Exceeds the limit"),  # tomllib: ValueError
+    ("", {"seed": 10 ** 5000}, "--seed (TOML seed) an integer of 16610 bits"),  # fit: no repr (int-to-str limit)
+    ("", {"threads": 100_000}, "threads must be in [0, 1024]"),  # OpenMP: thread creation failed, segfault
+    ("", {"collective_timeout": 0.01}, "0 (never) or 1 to"),  # the watchdog ended every run, exit 1
+    ("", {"collective_timeout": 1e300}, "0 (never) or 1 to"),  # timedelta / Horovod's C int overflow
+    ("", {"optim": {"lr": 1e300}}, "lr must be at most"),  # RuntimeError in the float32 optimizer step
+    ("", {"tensorboard": True, "out": os.fsdecode(b"out-\xff")}, "--tensorboard takes an --out that is valid UTF-8"),
+], ids=["seed", "hidden", "momentum", "alpha", "toml-digits", "fit-digits", "threads", "timeout-small", "timeout-huge", "lr",
+                                 "tensorboard-out"])
+def test_fuzz_findings_are_config_errors(toml, overrides, needle, tmp_path):
+    from hvdtrain.config import ConfigError, load_config
+    path = None
+    if toml:
+        path = tmp_path / "run.toml"
+        path.write_text(toml)
+    with pytest.raises(ConfigError) as caught:
+        load_config(str(path) if path else None, overrides)
+    assert needle in str(caught.value) and "\n" not in str(caught.value), str(caught.value)
+
+
+def test_empty_config_path_is_refused_not_ignored():
+    from hvdtrain.config import ConfigError, load_config
+    with pytest.raises(ConfigError, match="config file '' does not exist"):
+        load_config("")
+
+
+def test_a_data_path_too_long_to_look_up_is_one_line(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "hvdtrain", "train", "--backend", "single", "--data", "x" * 5000,
+                             "--out", str(tmp_path / "o")], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert result.returncode == 2 and len(result.stderr.splitlines()) == 1, result.stderr[-2000:]
+    assert "cannot be looked up (File name too long)" in result.stderr
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["--drive"]:

@@ -32,7 +32,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
                "hvdtrain.registry", "hvdtrain.models", "hvdtrain.metrics", "hvdtrain.guard",
                "hvdtrain.examples")),
     ("loop", ("hvdtrain.train",)),
-    ("entry", ("hvdtrain", "hvdtrain.api", "hvdtrain.cli", "hvdtrain.__main__")),
+    ("entry", ("hvdtrain", "hvdtrain.api", "hvdtrain.cli", "hvdtrain.__main__", "hvdtrain.versions")),
     ("tools", ("hvdtrain.tools",)),
 ]
 TOOLS = "hvdtrain.tools"

@@ -178,6 +178,17 @@ def test_read_only_out_fails_fast_with_one_line(tmp_path, mounts, data):
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
 
 
+def test_built_in_data_that_does_not_fit_is_one_line_before_training(tmp_path, mounts):
+    small = mounts.tmpfs(tmp_path / "small", "8k")
+    out = small / "run"
+    result = jobs.run_job([sys.executable, "-m", "hvdtrain", "train", "--out", str(out), "--epochs", "1"], timeout=300)
+    assert result.returncode == EXIT_USAGE, result.stderr[-3000:]
+    line = one_line(result)
+    assert line.startswith(f"hvdtrain: error: cannot write {out}/data/regression-") and line.endswith(
+        ": No space left on device (ENOSPC); free space or choose another --out"), line
+    assert not [p for p in (out / "data").iterdir()], "a partial data set was left"
+
+
 @pytest.mark.parametrize("folder,extra", [("checkpoints", ["--checkpoint-every", "10"]),
                                           ("tensorboard", ["--tensorboard"])])
 def test_read_only_folder_inside_out(tmp_path, mounts, data, folder, extra):

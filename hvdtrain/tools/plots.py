@@ -15,7 +15,8 @@ import matplotlib
 matplotlib.use("Agg")  # files only: never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
 
-from hvdtrain.checkpoint import atomic_write, writing  # noqa: E402
+from hvdtrain.checkpoint import atomic_write  # noqa: E402
+from hvdtrain.errors import writing  # noqa: E402
 
 Series = tuple[list[float], list[float]]
 STYLES = ("-", "--", ":", "-.")
