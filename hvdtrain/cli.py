@@ -14,8 +14,8 @@ from typing import Any, Callable
 
 from hvdtrain.config import (BY_KWARG, SETTINGS, describe_rule, field_default, load_config,
                              overrides_from_kwargs, parse_json_object)
-from hvdtrain.errors import (EXIT_FAILED, EXIT_NUMERICAL, EXIT_PREEMPTED, EXIT_USAGE, EXIT_WRITE, ConfigError,
-                             WriteError)
+from hvdtrain.errors import (EXIT_FAILED, EXIT_INTERRUPTED, EXIT_NUMERICAL, EXIT_PREEMPTED, EXIT_USAGE, EXIT_WRITE,
+                             ConfigError, WriteError)
 
 
 class Parser(argparse.ArgumentParser):
@@ -103,20 +103,22 @@ class StopFlag:
     SIGINT (Ctrl-C; mpirun turns it into SIGTERM for its ranks, see comm.env.MPIRUN) set a flag
     that the ranks vote on at the next metrics flush (--log-every): every rank stops at the same
     step, writes a checkpoint and exits 99 (EXIT_PREEMPTED) with one line, no traceback. A SIGINT
-    after a stop was requested (a second Ctrl-C) stops this process at once: one line, exit 130,
-    no checkpoint (the last one stays; under a launcher the job ends with this rank)."""
+    after a stop was requested (a second Ctrl-C) stops this process at once: one line, exit 130
+    (EXIT_INTERRUPTED), no new checkpoint (the last one stays; under a launcher the job ends with
+    this rank)."""
 
     def __init__(self) -> None:
         self.requested = False
+        self.pid = os.getpid()  # forked children (DataLoader workers) inherit the handler: they stay quiet
         for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
             signal.signal(sig, self._set)
 
     def _set(self, signum: int, frame: Any) -> None:
         if signum == signal.SIGINT and self.requested:
-            if _layout_rank() == 0:
+            if _layout_rank() == 0 and os.getpid() == self.pid:
                 sys.stderr.write("hvdtrain: interrupted again; stopped at once, without a new checkpoint\n")
                 sys.stderr.flush()
-            os._exit(128 + signal.SIGINT)
+            os._exit(EXIT_INTERRUPTED)
         self.requested = True
 
     def __call__(self) -> bool:
@@ -262,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args))
     except KeyboardInterrupt:  # Ctrl-C before a command's own handling is in place (`train`: StopFlag)
         sys.stderr.write("hvdtrain: interrupted\n")
-        return 128 + signal.SIGINT
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

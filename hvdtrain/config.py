@@ -5,7 +5,9 @@ Each setting is defined once, here: a dataclass field and the docstring under it
 is `[section] field`; the CLI flag and the `fit` keyword are generated from the field (`SETTINGS`
 below; `--sync-every` / `sync_every=`), with a few short names (`--data`, `--model`,
 `--optimizer`, `--backend`). `__post_init__` checks the values and raises `ConfigError` with a
-message that names the value, the rule and the fix.
+message that names the value, the rule and the fix. `APPLIES` (below the settings) says what each
+setting applies to (backend, elastic, model, optimizer, data, fit's objects, one process);
+`load_config` refuses a value other than the default where it does not apply (hvdtrain.applies).
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping, NamedTuple
 
+from hvdtrain.applies import FIT, SPEC, Given, Rule, Run, check, describe
 from hvdtrain.errors import ConfigError
 from hvdtrain.layout import detect_layout
 from hvdtrain.plugins import is_spec, nearest
@@ -407,7 +410,9 @@ def load_config(path: str | None = None, overrides: dict[str, dict[str, Any] | A
         top[name] = _build(cls, section, f"{name}.")
     auto = raw.get("sync", {}).get("backend", "auto") == "auto"
     cfg = _build(TrainConfig, top, "")
-    check_applies(cfg, _Names(origin, path, from_toml, from_overrides), supplied, auto)
+    how = {s.kwarg: "toml" if _dotted(s) in from_toml and _dotted(s) not in from_overrides else origin
+           for s in SETTINGS}
+    check_applies(cfg, how, path, supplied, auto)
     return cfg
 
 
@@ -505,46 +510,11 @@ def parse_json_object(text: str) -> dict[str, Any]:
 
 # --- what each setting applies to: one table, checked by load_config for the CLI, TOML and fit ---
 
-SPEC = "MODULE:ATTR"
-FIT = "fit"
-"""The kind of a model, optimizer, loss or scheduler given to `fit` as an object."""
-
-
-class Rule(NamedTuple):
-    """Where a setting takes effect; an empty field puts no limit there. A value other than the
-    setting's default, given where the rule does not hold, is a ConfigError naming the setting,
-    why and what to use instead (`check_applies`, run by `load_config`). A default never is, even
-    when given explicitly (`--sync-every 1` with any backend), so one command line or TOML file
-    can serve several backends with the defaults spelled out."""
-    backends: tuple[str, ...] = ()
-    """Built-in backends that read it. A MODULE:ATTR backend takes every setting (hvdtrain cannot
-    know which ones it reads), unless `plugins` is False."""
-    plugins: bool = True
-    elastic: bool | None = None
-    """True: only under --elastic; False: not under --elastic."""
-    models: tuple[str, ...] = ()
-    """Built-in model names, SPEC (a MODULE:ATTR model); a model object given to fit is neither."""
-    optimizers: tuple[str, ...] = ()
-    """Built-in optimizer names, SPEC; an optimizer callable given to fit is neither."""
-    data: tuple[str, ...] = ()
-    """Built-in data set names, `folder`, SPEC, or what fit was given: `Dataset`, `arrays`."""
-    fit_replaces: str = ""
-    """The fit() argument whose object takes the setting's place (`optimizer`, `scheduler`, ...)."""
-    needs: str = ""
-    """A setting that must be off its default for this one to act."""
-    not_with: tuple[str, ...] = ()
-    """Settings that, off their default, take this one's place."""
-    values: tuple[Any, ...] = ()
-    """Only these values are limited (`amp`: fp16); empty: every value but the default."""
-    one_process: bool = False
-    """Only in a job of one process (no launcher, or a launcher that started one)."""
-    note: str = ""
-    """Said with the fix."""
-
-
 _MPI, _HOROVOD = ("mpi",), ("horovod",)
 
-#: setting (its fit keyword) -> where it applies; a setting not listed applies to every run.
+#: setting (its fit keyword) -> where it applies (hvdtrain.applies.Rule); a setting not listed applies
+#: to every run. A value other than the default where the rule does not hold is refused by
+#: load_config; a default never is. A MODULE:ATTR backend takes every backend's settings.
 #: Read from the code: strategies/*.py (which SyncConfig fields each strategy reads; `scales_lr`
 #: and `takes_accumulation`), registry.py (models, optimizers), sources.py (data), elastic.py.
 APPLIES: dict[str, Rule] = {
@@ -591,210 +561,34 @@ APPLIES: dict[str, Rule] = {
 }
 
 
-_DATA_KINDS = {SPEC: "--data MODULE:ATTR", "Dataset": "a Dataset given to fit", "folder": "a data folder",
-               "arrays": "(X, y) arrays given to fit"}
-
-
-def _or(items: Any, word: str = "or") -> str:
-    items = [str(i) for i in items]
-    return items[0] if len(items) == 1 else f"{', '.join(items[:-1])} {word} {items[-1]}"
-
-
 def describe_rule(kwarg: str) -> str:
     """Where a setting applies, in words (README, `--help`): '' for a setting of every run."""
-    rule = APPLIES.get(kwarg)
-    if rule is None:
-        return ""
-    flag = BY_KWARG[kwarg].flag
-    parts = []
-    if rule.values:
-        parts.append(f"{flag} {_or(rule.values)}:")
-    if rule.backends:
-        parts.append(f"backend {_or(rule.backends)}" + ("" if rule.plugins else " (not a MODULE:ATTR backend)"))
-    if rule.elastic is True:
-        parts.append("--elastic runs")
-    if rule.elastic is False:
-        parts.append("not with --elastic")
-    if rule.models:
-        parts.append(f"model {_or(rule.models)}")
-    if rule.optimizers:
-        parts.append(f"optimizer {_or(rule.optimizers)}")
-    if rule.data:
-        parts.append(_or(_DATA_KINDS.get(d, f"--data {d}") for d in rule.data))
-    if rule.needs:
-        parts.append(f"with {BY_KWARG[rule.needs].flag} set")
-    if rule.not_with:
-        parts.append(f"not with {_or(BY_KWARG[k].flag for k in rule.not_with)}")
-    if rule.fit_replaces:
-        parts.append(f"not with a `fit({rule.fit_replaces}=...)` object")
-    if rule.one_process:
-        parts.append("one process (no launcher, or -np 1)")
-    if rule.note and kwarg == "elastic":
-        parts.append(rule.note)
-    return " ".join(parts[:1]) + " " + "; ".join(parts[1:]) if rule.values else "; ".join(parts)
+    return describe(APPLIES.get(kwarg), {s.kwarg: s.flag for s in SETTINGS}, kwarg)
 
 
-class _Names:
-    """How a message names a setting: as it was given (flag, fit keyword or TOML key)."""
-
-    def __init__(self, origin: str, path: str | None, from_toml: set[str], from_overrides: set[str]) -> None:
-        self.origin, self.path, self.from_toml, self.from_overrides = origin, path, from_toml, from_overrides
-
-    def how(self, kwarg: str) -> str:
-        key = _dotted(BY_KWARG[kwarg])
-        return "toml" if key in self.from_toml and key not in self.from_overrides else self.origin
-
-    def name(self, kwarg: str, value: Any, how: str, with_value: bool = True) -> str:
-        s = BY_KWARG[kwarg]
-        if how == "keyword":
-            return f"{kwarg}={value!r}"
-        if how == "toml":
-            return f"{_dotted(s)} = {json.dumps(value)} in {self.path}"
-        if isinstance(value, bool) or not with_value:
-            return s.flag
-        if isinstance(value, dict):
-            return f"{s.flag} '{json.dumps(value)}'"
-        if isinstance(value, tuple):
-            return f"{s.flag} {','.join(str(v) for v in value)}"
-        return f"{s.flag} {value}"
-
-    def label(self, kwarg: str, how: str) -> str:
-        s = BY_KWARG[kwarg]
-        return {"keyword": kwarg, "toml": _dotted(s)}.get(how, s.flag)
-
-    def drop(self, kwarg: str, how: str) -> str:
-        s = BY_KWARG[kwarg]
-        return {"keyword": f"{kwarg}=", "toml": f"{_dotted(s)} from {self.path}"}.get(how, s.flag)
+def check_applies(cfg: TrainConfig, how: Mapping[str, str], path: str | None,
+                  supplied: Mapping[str, str] | None = None, auto: bool = False) -> None:
+    """Every setting off its default against APPLIES (hvdtrain.applies.check); `how` says how each
+    setting was given ("flag", "keyword" or "toml"), `auto` whether `backend` came from auto."""
+    from hvdtrain.catalog import DATASETS
+    supplied = supplied or {}
+    given = {}
+    for s in SETTINGS:
+        value = getattr(getattr(cfg, s.section) if s.section else cfg, s.key)
+        given[s.kwarg] = Given(s.flag, _dotted(s), value, field_default(s), how[s.kwarg])
+    why = ""
+    if auto:
+        why = ("auto: --elastic is Horovod's" if cfg.sync.elastic else "auto: a launcher started this process"
+               if cfg.sync.backend == "horovod" else "auto: no launcher started this process")
+    model, optimizer, path_ = cfg.model.name, cfg.optim.name, cfg.data.path
+    run = Run(cfg.sync.backend, why, cfg.sync.elastic,
+              FIT if "model" in supplied else model if model in _registered("model") else SPEC, model,
+              FIT if "optimizer" in supplied else optimizer if optimizer in _registered("optimizer") else SPEC,
+              optimizer,
+              supplied.get("train_data") or (path_ if path_ in DATASETS else SPEC if is_spec(path_) else "folder"),
+              path_, supplied, _registered("backend"))
+    check(APPLIES, given, run, path, {"outer_optimizer": OUTER_OPTIMIZERS})
 
 
 def _dotted(s: Setting) -> str:
     return f"{s.section}.{s.key}" if s.section else s.key
-
-
-def _value(cfg: TrainConfig, kwarg: str) -> Any:
-    s = BY_KWARG[kwarg]
-    return getattr(getattr(cfg, s.section) if s.section else cfg, s.key)
-
-
-def _is_default(cfg: TrainConfig, kwarg: str) -> bool:
-    """Equal to the field's default (an int where a float stands counts: TOML `alpha = 1`)."""
-    value, default = _value(cfg, kwarg), field_default(BY_KWARG[kwarg])
-    return bool(value == default) and isinstance(value, bool) == isinstance(default, bool)
-
-
-class _Run(NamedTuple):
-    """What a run is made of, as the rules ask: kinds of backend, model, optimizer and data."""
-    backend: str
-    auto: str                   # why `auto` chose the backend; '' if it was given
-    elastic: bool
-    model: str                  # built-in name, SPEC or FIT
-    optimizer: str
-    data: str                   # built-in set name, folder, SPEC, Dataset or arrays
-    supplied: Mapping[str, str]  # fit's objects: argument -> what it is
-
-
-def _run_kinds(cfg: TrainConfig, supplied: Mapping[str, str], auto: bool) -> _Run:
-    if auto:
-        why = ("auto: --elastic is Horovod's" if cfg.sync.elastic else "auto: a launcher started this process"
-               if cfg.sync.backend == "horovod" else "auto: no launcher started this process")
-    from hvdtrain.catalog import DATASETS
-    model = FIT if "model" in supplied else cfg.model.name if cfg.model.name in _registered("model") else SPEC
-    optimizer = FIT if "optimizer" in supplied else (cfg.optim.name if cfg.optim.name in _registered("optimizer")
-                                                     else SPEC)
-    path = cfg.data.path
-    data = supplied.get("train_data") or (path if path in DATASETS else SPEC if is_spec(path) else "folder")
-    return _Run(cfg.sync.backend, why if auto else "", cfg.sync.elastic, model, optimizer, data, supplied)
-
-
-def _violation(cfg: TrainConfig, kwarg: str, rule: Rule, run: _Run, names: _Names,
-               how: str) -> tuple[str, str] | None:
-    """(why, what to use instead) when the non-default `kwarg` does not apply to `run`, else None.
-    `why` holds {verb} for 'applies' / 'apply'."""
-    def use(other: str, value: Any) -> str:
-        return "use " + names.name(other, value, how)
-
-    builtin_backend = run.backend in _registered("backend")
-    if rule.backends and run.backend not in rule.backends and (builtin_backend or not rule.plugins):
-        return (f"{{verb}} to backend {_or(rule.backends)} only, but the backend is {run.backend!r}"
-                + (f" ({run.auto})" if run.auto else ""), use("backend", rule.backends[0]) +
-                (f" {rule.note}" if rule.note and kwarg == "elastic" else ""))
-    if rule.elastic is True and not run.elastic:
-        return "{verb} to --elastic runs only, and --elastic is off", use("elastic", True)
-    if rule.elastic is False and run.elastic:
-        return "elastic", ""  # grouped into one message by check_applies
-    if rule.models and run.model not in rule.models:
-        now = "fit() was given a model object" if run.model == FIT else f"the model is {cfg.model.name!r}"
-        fix = "use --model MODULE:ATTR" if rule.models[0] == SPEC else use("model", rule.models[0])
-        return (f"{{verb}} to {'MODULE:ATTR models' if rule.models == (SPEC,) else 'model ' + _or(rule.models)} "
-                f"only, but {now}", fix + (f" ({rule.note})" if rule.note else ""))
-    if rule.optimizers and run.optimizer not in rule.optimizers:
-        now = ("fit() was given an optimizer callable" if run.optimizer == FIT
-               else f"the optimizer is {cfg.optim.name!r}")
-        return (f"{{verb}} to optimizer {_or(rule.optimizers)} only, but {now}",
-                use("optimizer", rule.optimizers[0]) + (f" ({rule.note})" if rule.note else ""))
-    if rule.data and run.data not in rule.data:
-        kinds = _DATA_KINDS
-        now = kinds.get(run.data, f"the built-in set {run.data!r}")
-        if run.data == "folder":
-            now = f"a data folder ({cfg.data.path!r})"
-        fix = "use --data MODULE:ATTR or a Dataset" if rule.data[0] in kinds else use("data", rule.data[0])
-        return (f"{{verb}} to {_or(kinds.get(d, f'the built-in set {d!r}') for d in rule.data)} only, but the "
-                f"data is {now}", fix + (f" ({rule.note})" if rule.note else ""))
-    if rule.fit_replaces and rule.fit_replaces in run.supplied:
-        return (f"{{verb}} to what hvdtrain builds from settings only, but fit() was given its own "
-                f"{rule.fit_replaces} ({run.supplied[rule.fit_replaces]}), which replaces it",
-                f"set it in that {rule.fit_replaces}")
-    if rule.needs and _is_default(cfg, rule.needs):
-        choices = [c for c in OUTER_OPTIMIZERS if c != field_default(BY_KWARG[rule.needs])] \
-            if rule.needs == "outer_optimizer" else [True]
-        other = names.label(rule.needs, how)
-        return (f"{{verb}} to runs with {other} {_or(choices)} only, but {other} is {_value(cfg, rule.needs)!r}",
-                use(rule.needs, choices[-1]))
-    for other in rule.not_with:
-        if not _is_default(cfg, other):
-            given = names.name(other, _value(cfg, other), names.how(other))
-            return (f"{{verb}} to runs without {names.label(other, how)} only, but {given} is given and takes "
-                    f"its place", f"drop {names.drop(other, names.how(other))}")
-    if rule.one_process:
-        from hvdtrain.layout import detect_layout
-        layout = detect_layout(os.environ)
-        if layout.size > 1:
-            return (f"{{verb}} to one process only, but {layout.launcher} started {layout.size} processes "
-                    f"(each would train alone)", f"use {_or('--backend ' + b for b in ('horovod', 'mpi', 'ddp'))}, "
-                                                 f"or start one process")
-    return None
-
-
-def check_applies(cfg: TrainConfig, names: _Names, supplied: Mapping[str, str] | None = None,
-                  auto: bool = False) -> None:
-    """Every setting off its default against APPLIES: a ConfigError naming each one that does not
-    apply to this run (grouped by reason), why, and what to use instead."""
-    run = _run_kinds(cfg, supplied or {}, auto)
-    groups: dict[tuple[str, str], list[tuple[str, str]]] = {}
-    for s in SETTINGS:
-        rule = APPLIES.get(s.kwarg)
-        if rule is None or _is_default(cfg, s.kwarg):
-            continue
-        value = _value(cfg, s.kwarg)
-        if rule.values and value not in rule.values:
-            continue
-        how = names.how(s.kwarg)
-        found = _violation(cfg, s.kwarg, rule, run, names, how)
-        if found:
-            groups.setdefault(found, []).append((s.kwarg, how))
-    messages = []
-    for (why, fix), given in groups.items():
-        if why == "elastic":  # Horovod's elastic state lives in the workers' memory (strategies/elastic.py)
-            elastic = names.name("elastic", True, names.how("elastic"), with_value=False)
-            listed = [names.name(k, _value(cfg, k), how, with_value=bool(APPLIES[k].values)) +
-                      (f" ({APPLIES[k].note})" if APPLIES[k].note else "") for k, how in given]
-            messages.append(f"{elastic} does not support {', '.join(listed)}: Horovod's elastic state is held in "
-                            f"memory and holds no checkpoint file, grad scaler or lr scheduler; drop "
-                            f"{'it' if len(listed) == 1 else 'them'} or {elastic}")
-            continue
-        listed = [names.name(k, _value(cfg, k), how) for k, how in given]
-        drop = names.drop(*given[0]) if len(given) == 1 else "them"
-        text = f"{_or(listed, 'and')} {why.format(verb='applies' if len(given) == 1 else 'apply')}"
-        messages.append(f"{text}; {fix}, or drop {drop}")
-    if messages:
-        raise ConfigError("; also ".join(messages))

@@ -20,10 +20,14 @@ EXIT_WRITE = 74
 """A file could not be written (disk full, read-only, no permission, quota): one line names the
 path and the reason; every rank stopped; the previous checkpoint is intact (74: sysexits' EX_IOERR)."""
 EXIT_PREEMPTED = 99
-"""SIGTERM/SIGUSR1 (preemption, a time limit): a checkpoint was written; resume with --resume."""
+"""SIGTERM/SIGUSR1 (preemption, a time limit) or Ctrl-C: every rank stopped at the same step and a
+checkpoint was written; resume with --resume."""
+EXIT_INTERRUPTED = 130
+"""A second Ctrl-C: stopped at once, without a new checkpoint (the last one stays); 128 + SIGINT."""
 
 EXIT_CODES = {"done": EXIT_OK, "a rank failed": EXIT_FAILED, "bad input": EXIT_USAGE,
-              "NaN/Inf": EXIT_NUMERICAL, "write failed": EXIT_WRITE, "preempted": EXIT_PREEMPTED}
+              "NaN/Inf": EXIT_NUMERICAL, "write failed": EXIT_WRITE, "preempted": EXIT_PREEMPTED,
+              "interrupted": EXIT_INTERRUPTED}
 """What each exit code means, as the README's `Exit codes:` line lists them."""
 
 

@@ -60,7 +60,8 @@ VALID = {"int": ["1", "2", "3"], "float": ["0.5", "0.01", "0.001"], "ints": ["8"
 WRONG_TYPE = {"int": ["abc", "1.5", "[1]", "0x10", "1e3"], "float": ["x", "1,2", "0.5.5", "[]"],
               "ints": ["a,b", "1.5,2", "8;8"], "floats": ["a", "0.5;0.5", "x,1"],
               "json": ["{bad", "[1]", "3", '"text"', "null"], "str": ["3"], "bool": ["yes"]}
-OUT_OF_RANGE = {"int": ["-1", "0", "-100"], "float": ["-1", "0", "1.5", "-0.0", "2"], "ints": ["0", "-8", "4,10", "8,0"],
+OUT_OF_RANGE = {"int": ["-1", "0", "-100"], "float": ["-1", "0", "1.5", "-0.0", "2"],
+                "ints": ["0", "-8", "4,10", "8,0"],
                 "floats": ["-0.5,1.5", "0.2,0.2", "2"], "json": ['{"lr": -1}'], "str": ["bogus"]}
 NAN_INF = ["nan", "inf", "-inf", "NaN", "Infinity"]
 
@@ -375,8 +376,9 @@ def fuzz_results(tmp_path_factory):
         for line in results.read_text().splitlines():
             record = json.loads(line)
             done[record["seed"]] = record
-    print(f"fuzz: {len(done)} of {len(SEEDS)} cases in {seconds:.1f} s; outcomes "
-          f"{sorted((str(c), sum(1 for r in done.values() if r['code'] == c)) for c in {r['code'] for r in done.values()})}")
+    codes = [str(r["code"]) for r in done.values()]
+    print(f"fuzz: {len(done)} of {len(SEEDS)} cases in {seconds:.1f} s; exit codes "
+          f"{sorted((c, codes.count(c)) for c in set(codes))}")
     return {"cases": {c["seed"]: c for c in cases}, "done": done, "returncode": proc.returncode,
             "output": output.decode("utf-8", "backslashreplace"), "left": left, "seconds": seconds}
 
@@ -438,8 +440,8 @@ def test_case(fuzz_results, seed):
     ("", {"collective_timeout": 1e300}, "0 (never) or 1 to"),  # timedelta / Horovod's C int overflow
     ("", {"optim": {"lr": 1e300}}, "lr must be at most"),  # RuntimeError in the float32 optimizer step
     ("", {"tensorboard": True, "out": os.fsdecode(b"out-\xff")}, "--tensorboard takes an --out that is valid UTF-8"),
-], ids=["seed", "hidden", "momentum", "alpha", "toml-digits", "fit-digits", "threads", "timeout-small", "timeout-huge", "lr",
-                                 "tensorboard-out"])
+], ids=["seed", "hidden", "momentum", "alpha", "toml-digits", "fit-digits", "threads", "timeout-small", "timeout-huge",
+        "lr", "tensorboard-out"])
 def test_fuzz_findings_are_config_errors(toml, overrides, needle, tmp_path):
     from hvdtrain.config import ConfigError, load_config
     path = None

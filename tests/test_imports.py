@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent / PACKAGE
 #: the same or a lower layer.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("foundation", ("hvdtrain.errors", "hvdtrain.config", "hvdtrain.layout", "hvdtrain.plugins",
-                    "hvdtrain.catalog", "hvdtrain.strategies.catalog")),
+                    "hvdtrain.catalog", "hvdtrain.strategies.catalog", "hvdtrain.applies")),
     ("comm", ("hvdtrain.comm",)),
     ("parts", ("hvdtrain.strategies", "hvdtrain.data", "hvdtrain.sources", "hvdtrain.checkpoint",
                "hvdtrain.registry", "hvdtrain.models", "hvdtrain.metrics", "hvdtrain.guard",

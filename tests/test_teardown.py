@@ -312,3 +312,44 @@ def test_spans_hosts():
     assert launch.spans_hosts(["horovodrun", "-np", "2", "-H", "198.18.0.1:1,localhost:1", "python"])
     assert launch.spans_hosts(["mpirun", "--hostfile", "hosts.txt", "python"])
     assert launch.spans_hosts(["srun", "-N", "2", "python"])
+
+
+# --- across hosts: the launcher's own teardown ends the remote ranks -----------------------------
+
+@pytest.fixture
+def cluster(shared_cluster):
+    """The first 2 hosts of the session's local cluster (tests/conftest.py); put back afterwards."""
+    try:
+        yield shared_cluster.get(2)
+    finally:
+        shared_cluster.reset()
+
+
+@pytest.mark.parametrize("kind", ["compare", "bench allreduce"])
+def test_ranks_on_other_hosts_are_ended_by_the_launchers_teardown(tmp_path, jobs, mark, cluster, kind):
+    """SIGTERM to a command whose job spans 2 hosts of the local cluster: it gives its launcher
+    SIGTERM (mpirun tells the orted daemons on the other hosts to end their ranks), then kills its
+    session here; it exits within TEARDOWN_LIMIT and, soon after, nothing of the job runs on any host
+    (every process in the hosts' namespaces but their sshd is gone)."""
+    from support.cluster import netns_pids
+    out = tmp_path / mark  # the ranks' command lines name it (remote ranks get no environment from here)
+    argv = [*tiny(kind, out), "--hosts", cluster.env["HOSTS"]]
+    proc = start(jobs, argv, mark, tmp_path / "command.log", extra=cluster.env)
+    ranks = wait_for_ranks(proc, mark, tmp_path / "command.log")
+    here = os.readlink("/proc/self/ns/net")
+    procs.wait_for("a rank on another host", lambda: [p for p in procs.marked(mark, ranks_only=True)
+                                                      if os.readlink(f"/proc/{p}/ns/net") != here], 60)
+    sent = time.monotonic()
+    os.kill(proc.pid, signal.SIGTERM)
+    code = proc.wait(timeout=TEARDOWN_LIMIT)
+    exited = time.monotonic() - sent
+    text = (tmp_path / "command.log").read_text()
+    assert code == 128 + signal.SIGTERM, text[-3000:]
+    assert "Traceback" not in text, text[-3000:]
+    sshds = {int((cluster.state / f"sshd-{ns}.pid").read_text()) for ns in cluster.hosts}
+
+    def hosts_idle() -> bool:
+        return not procs.marked(mark) and all(set(netns_pids(ns)) <= sshds for ns in cluster.hosts)
+    procs.wait_for("every process of the job on every host to end", hosts_idle, 30, interval=0.2)
+    print(f"{kind} across {cluster.env['HOSTS']}: SIGTERM -> exit {code} in {exited:.2f} s, every host idle "
+          f"{time.monotonic() - sent:.2f} s after the signal (ranks seen: {len(ranks)})")

@@ -348,7 +348,7 @@ def ends_its_jobs(prog: str, rank_flags: Sequence[str] = ()) -> Callable[[Callab
                 return main(argv)
             except KeyboardInterrupt as exc:  # Stopped, or Ctrl-C before the handler was in place
                 signum = getattr(exc, "signum", signal.SIGINT)
-                end_jobs(graceful=False)
+                end_jobs()  # done already by the handler, unless the interrupt came another way
                 sys.stderr.write(f"{prog}: stopped by {signal.Signals(signum).name}; every job it "
                                  f"started was ended\n")
                 return 128 + signum
