@@ -385,15 +385,17 @@ def load_config(path: str | None = None, overrides: dict[str, dict[str, Any] | A
     raw: dict[str, Any] = {}
     if path is not None:  # "" too: an empty --config names no file
         p = Path(path)
-        _check(p.is_file(), f"config file {path!r} does not exist; pass an existing TOML file to --config")
         try:
-            raw = tomllib.loads(p.read_text(encoding="utf-8"))
+            text = p.read_bytes() if p.is_file() else None
+        except OSError as exc:  # unreadable, or a name the system refuses (ENAMETOOLONG)
+            raise ConfigError(f"config file {_show(path)} cannot be read ({exc.strerror}); pass a readable TOML "
+                              f"file to --config") from None
+        _check(text is not None, f"config file {path!r} does not exist; pass an existing TOML file to --config")
+        try:
+            raw = tomllib.loads(text.decode("utf-8"))  # type: ignore[union-attr]
         except ValueError as exc:  # TOMLDecodeError, UnicodeDecodeError, an integer of > 4300 digits
             raise ConfigError(f"config file {path!r} is not valid TOML ({str(exc).splitlines()[0][:200]}); fix the "
                               f"syntax") from None
-        except OSError as exc:
-            raise ConfigError(f"config file {path!r} cannot be read ({exc.strerror}); pass a readable TOML "
-                              f"file to --config") from None
     from_toml = _keys(raw)
     from_overrides = _keys(overrides or {})
     for key, value in (overrides or {}).items():

@@ -164,8 +164,10 @@ def generate(seed: int, sandbox: Path, configs: Path) -> dict[str, Any]:
                 value = "nesterov"
             if kwarg == "rows":
                 value, rows = "50", False
-            if s.kind == "bool":
-                flags.append(s.flag) if form == "cli" else toml.__setitem__((s.section, s.key), "true")
+            if s.kind == "bool" and form == "cli":
+                flags.append(s.flag)
+            elif s.kind == "bool":
+                toml[(s.section, s.key)] = "true"
             elif form == "cli":
                 flags += [s.flag, value]
             else:
@@ -453,10 +455,12 @@ def test_fuzz_findings_are_config_errors(toml, overrides, needle, tmp_path):
     assert needle in str(caught.value) and "\n" not in str(caught.value), str(caught.value)
 
 
-def test_empty_config_path_is_refused_not_ignored():
+def test_empty_or_unusable_config_path_is_refused_not_ignored():
     from hvdtrain.config import ConfigError, load_config
     with pytest.raises(ConfigError, match="config file '' does not exist"):
         load_config("")
+    with pytest.raises(ConfigError, match=r"cannot be read \(File name too long\)"):
+        load_config("x" * 5000)
 
 
 def test_a_data_path_too_long_to_look_up_is_one_line(tmp_path):
