@@ -128,7 +128,8 @@ class MetricsLog:
             self._try(self._tb_file(), lambda: self._scalars(
                 [(tag, r[key], r["step"]) for r in rows for tag, key in
                  (("train/loss", "loss"), ("train/samples_per_sec", "samples_per_sec"),
-                  ("comm/seconds", "comm_seconds"), ("comm/bytes_per_step", "bytes_sent"))]))
+                  ("comm/seconds", "comm_seconds"), ("comm/bytes_per_step", "bytes_sent"))
+                 if r[key] is not None]))  # comm seconds: None where not measured (DDP)
         if self._bar is not None:
             last = rows[-1]
             self._bar.update(last["step"] - self._step)

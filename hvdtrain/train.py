@@ -217,7 +217,8 @@ def _train(cfg: TrainConfig, strategy: SyncStrategy, stop_requested: Callable[[]
         "first_loss": losses[0] if losses else None, "final_loss": losses[-1] if losses else None,
         **evaluation, "wall_seconds": time.perf_counter() - wall_start, "train_seconds": train_seconds,
         "samples_per_sec": samples / train_seconds if train_seconds > 0 else 0.0,
-        "comm_seconds": float(totals[0] / comm.size), "steps_by_rank": steps_by_rank,
+        "comm_seconds": float(totals[0] / comm.size) if strategy.comm_measured else None,
+        "steps_by_rank": steps_by_rank,
         "bytes_communicated": strategy.bytes_sent - bytes0,
         "bytes_per_step": (strategy.bytes_sent - bytes0) / max(1, step - start_step),
         "threads_per_rank": threads, "device": str(device), "data": opened["data"].source,
@@ -268,7 +269,8 @@ def _loop(cfg: TrainConfig, strategy: SyncStrategy, model: torch.nn.Module, forw
             if (position := strategy.schedule_position(synced)) is not None:
                 scheduler.last_epoch = position - 1  # hvdtrain: time-based ranks follow the job's progress
                 scheduler.step()
-        window.append((step, epoch, step_loss, strategy.comm_seconds - c, strategy.bytes_sent - b))
+        window.append((step, epoch, step_loss, strategy.comm_seconds - c if strategy.comm_measured else None,
+                       strategy.bytes_sent - b))
         tick = strategy.tick(step, synced)  # hvdtrain: where all ranks meet (every step, or at syncs)
         if tick is None:
             continue

@@ -196,8 +196,9 @@ def test_sigterm_checkpoints_requeues_and_resumes(slurm_cluster, tmp_path, targe
     second run resumes from that checkpoint and finishes."""
     out = tmp_path / "run"
     proc = submit(slurm_cluster, tmp_path, {
-        # 128 steps per rank: long enough to be caught just after the first checkpoint (step 20).
-        "HVDTRAIN_ROWS": "8192", "HVDTRAIN_EPOCHS": "1", "HVDTRAIN_BATCH_SIZE": "32",
+        # 512 steps per rank (~5 s): long enough to be caught soon after the first checkpoint (step
+        # 20); 128 steps finished in 1.3 s, before scancel's signal arrived.
+        "HVDTRAIN_ROWS": "32768", "HVDTRAIN_EPOCHS": "1", "HVDTRAIN_BATCH_SIZE": "32",
         "HVDTRAIN_CHECKPOINT_EVERY": "20", "HVDTRAIN_OUT": str(out)})
     try:
         deadline = time.monotonic() + JOB_TIMEOUT

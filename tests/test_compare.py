@@ -48,6 +48,11 @@ def test_one_run_per_strategy(report: tuple[Path, str]) -> None:
         assert s["samples_per_sec"] == pytest.approx(s["samples"] / s["train_seconds"], rel=1e-12)
     for label in ("horovod", "mpi k=1", "mpi k=4"):
         assert label in stdout
+    # comm share: measured where hvdtrain times the wait; DDP's allreduces run inside backward,
+    # untimed, so its share is n/a (None in the JSON), never 0.0
+    assert [s["comm_seconds"] is None for s in summaries] == [False, False, False, True]
+    ddp_row = next(line for line in stdout.splitlines() if line.startswith("ddp "))
+    assert ddp_row.split()[-1] == "n/a", ddp_row
 
 
 @pytest.mark.mpi

@@ -42,6 +42,9 @@ class SyncStrategy(ABC):
     replicas_identical: bool = True
     """True when every rank holds the same optimizer state after each step (checkpoint one copy)."""
 
+    comm_measured: bool = True
+    """False where the communication overlaps inside the framework and is not timed (DDP's bucket
+    allreduces in backward): the run reports its comm time as None (compare: n/a), never 0."""
     takes_accumulation: bool = False
     """Does the strategy take backward_passes_per_step > 1 (Horovod's local accumulation)?"""
     scales_lr: bool = False

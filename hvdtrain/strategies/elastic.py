@@ -192,8 +192,12 @@ class ElasticHorovod(HorovodAllreduce):
         return tick % self.sync_cfg.elastic_commit_every == 0
 
     def checkpoint(self, step: int, save: Callable[[], Path | None]) -> None:
-        """A commit: the state in host memory; raises HostsUpdatedInterrupt if the hosts changed."""
+        """A commit: the state in host memory; raises HostsUpdatedInterrupt if the hosts changed.
+        Horovod's commit() is save() + check_host_updates(); the record is written between them, so
+        a `commit` line names a state every worker saved (a rank dying in the collective below
+        rolls the others back to this very state, not to the one before)."""
         self._close_segment()
+        self.state.save()  # local, no collective: every worker holds this step's state first
         error = None
         if self.rank == 0:
             try:
@@ -201,8 +205,8 @@ class ElasticHorovod(HorovodAllreduce):
                            "samples": self.state.samples, "resets": len(self.state.segments) - 1})
             except WriteError as exc:
                 error = exc
-        spread_write_error(self.comm, error)  # hvdtrain: before the commit, on every worker
-        self.state.commit()
+        spread_write_error(self.comm, error)  # hvdtrain: a failed record ends every worker
+        self.state.check_host_updates()
 
     def finish(self, model: torch.nn.Module, step: int) -> None:
         super().finish(model, step)

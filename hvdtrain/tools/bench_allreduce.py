@@ -28,7 +28,6 @@ import socket
 import subprocess
 import sys
 import time
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 from unittest import mock
@@ -41,6 +40,7 @@ from hvdtrain.tools.allreduce_impls import (DEFAULT_IMPLS, HVDTRAIN_CONFIGURED, 
                                               horovod_env_defaults, open_impl)
 from hvdtrain.tools.launch import (TIMEOUT_EXIT, check_capacity, ends_its_jobs, horovodrun_cmd, host_args,
                                    launcher_env, parse_hosts, run)
+from hvdtrain.versions import package
 
 ROWS_FILE, JSON_FILE, PNG_FILE = "allreduce.rows.jsonl", "allreduce.json", "allreduce.png"
 
@@ -161,13 +161,6 @@ def job_env(impl: str, np: int | None = None, hosts: str | None = None) -> dict[
     return env
 
 
-def version(dist: str) -> str:
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return "not installed"
-
-
 def cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as f:
@@ -210,8 +203,8 @@ def collect_meta(args: argparse.Namespace, failed: dict[str, str]) -> dict[str, 
     except (OSError, IndexError, subprocess.TimeoutExpired):
         mpi = "mpirun not found"
     return {"host": socket.gethostname(), "cores": os.cpu_count(), "cpu": cpu,
-            "python": platform.python_version(), "torch": version("torch"),
-            "numpy": version("numpy"), "horovod": version("horovod"), "mpi4py": version("mpi4py"),
+            "python": platform.python_version(), "torch": package("torch"),
+            "numpy": package("numpy"), "horovod": package("horovod"), "mpi4py": package("mpi4py"),
             "mpi": mpi, "impls": args.impls, "failed": failed, "hosts": args.hosts or "local",
             "label": args.label, "links": args.links,
             "settings": {"np": args.np, "min_bytes": args.min_bytes, "max_bytes": args.max_bytes,

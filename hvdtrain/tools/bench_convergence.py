@@ -485,9 +485,10 @@ def plan_matrix(args: Any, out: Path) -> tuple[dict[str, Workload], int, str | N
                                                   args.sync_seconds, max(1, every // k))
                 if not args.strategies or key in wanted]
         common = [*w.flags, "--epochs", str(w.epochs), "--batch-size", str(w.batch), "--seed", str(args.seed),
-                  "--eval-every", str(every)] + (["--rows", str(w.size)] if name == "mlp" else [])
+                  "--eval-every", str(every)]
         plan[name] = {"steps": steps, "warmup": warmup, "eval_every": every, "common": common, "runs": runs}
-        data = ["--data", "regression"] if name == "mlp" else []
+        # mlp: the runs read the folder main() writes once; checked here as the built-in set it holds
+        data = ["--data", "regression", "--rows", str(w.size)] if name == "mlp" else []
         for lr in w.lrs:
             for _, v in runs:
                 check_train_args([*common, *data, *v.flags, "--lr", str(lr), "--out", str(out)])

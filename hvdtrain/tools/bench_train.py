@@ -132,7 +132,8 @@ def row_of(label: str, ranks: int, runs: list[dict[str, Any]]) -> dict[str, Any]
     return {"strategy": label, "ranks": ranks, "samples_per_sec": s["samples_per_sec"],
             "samples_per_sec_runs": [r["summary"]["samples_per_sec"] for r in runs],
             "train_seconds": s["train_seconds"], "steps": s["steps"], "bytes_per_step": s["bytes_per_step"],
-            "comm_fraction": s["comm_seconds"] / max(s["train_seconds"], 1e-9),
+            "comm_fraction": None if s["comm_seconds"] is None  # not measured (DDP): n/a
+            else s["comm_seconds"] / max(s["train_seconds"], 1e-9),
             "final_loss": s["final_loss"], "eval_loss": s.get("eval_loss"), "parameters": s.get("parameters"),
             "peak_rss_bytes": max((r["peak_rss_bytes"] for r in runs),
                                   key=lambda b: max((x or 0) for x in b))}
@@ -213,7 +214,7 @@ COLUMNS = [("strategy", "strategy", "{}"), ("ranks", "ranks", "{}"), ("samples/s
 def format_table(rows: list[dict[str, Any]]) -> str:
     cells = []
     for r in rows:
-        v = {**r, "kb_step": r["bytes_per_step"] / 1e3, "comm_pct": 100 * r["comm_fraction"],
+        v = {**r, "kb_step": r["bytes_per_step"] / 1e3, "comm_pct": None if r["comm_fraction"] is None else 100 * r["comm_fraction"],
              "rss_mb": "/".join(f"{b / 2**20:.0f}" if b else "?" for b in r["peak_rss_bytes"])}
         cells.append(v)
     return tables.format_table(COLUMNS, cells)

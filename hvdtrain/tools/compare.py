@@ -66,7 +66,8 @@ def table_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for r in results:
         s = r["summary"]
         rows.append({**s, "label": r["label"], "mb": s["bytes_communicated"] / 1e6,
-                     "comm_pct": 100 * s["comm_seconds"] / max(s["train_seconds"], 1e-9),
+                     "comm_pct": None if s["comm_seconds"] is None  # not measured (DDP): n/a, not 0
+                     else 100 * s["comm_seconds"] / max(s["train_seconds"], 1e-9),
                      "eval": (f"acc {s['eval_accuracy']:.4f}" if "eval_accuracy" in s
                               else f"loss {s['eval_loss']:.5g}" if "eval_loss" in s else None)})
     return rows

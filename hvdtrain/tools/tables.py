@@ -9,7 +9,7 @@ Column = tuple[str, str, str]  # (header, key in the row dict, format such as "{
 
 def format_table(columns: Sequence[Column], rows: Sequence[dict[str, Any]], markdown: bool = False) -> str:
     head = [name for name, _, _ in columns]
-    cells = [[fmt.format(r[key]) if r.get(key) is not None else "-" for _, key, fmt in columns] for r in rows]
+    cells = [[fmt.format(r[key]) if r.get(key) is not None else "n/a" for _, key, fmt in columns] for r in rows]
     if markdown:
         lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
         return "\n".join(lines + ["| " + " | ".join(c) + " |" for c in cells])
