@@ -235,7 +235,7 @@ def test_sigterm_checkpoints_requeues_and_resumes(slurm_cluster, tmp_path, targe
     second_run = logs[logs.index(f"{job} (run 2): nodes=hvd-h[1-2]"):]
     assert re.search(r"running: srun --mpi=pmix .*hvdtrain train .*--resume", second_run), logs
     summary = assert_trained(out)
-    assert summary["start_step"] == step and summary["steps"] == 128, summary
+    assert summary["start_step"] == step and summary["steps"] == 32768 // 2 // 32, summary
 
 
 def test_slurm_down_then_up_again(slurm_cluster):
