@@ -237,7 +237,9 @@ def generate(seed: int, sandbox: Path, configs: Path) -> dict[str, Any]:
 
 # --- the driver: runs inside its own process, imports hvdtrain once ---------------------------------
 
-def _children(pid: int) -> list[str]:
+def _procs(field: int, value: int) -> list[str]:
+    """'pid name' of live processes whose /proc/PID/stat field `field` (after the name: 1 = ppid,
+    3 = session id) is `value`."""
     found = []
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -245,10 +247,13 @@ def _children(pid: int) -> list[str]:
                 stat = Path(f"/proc/{entry}/stat").read_text()
             except OSError:
                 continue
-            fields = stat[stat.rindex(")") + 2:].split()
-            if int(fields[1]) == pid:  # ppid
+            if int(stat[stat.rindex(")") + 2:].split()[field]) == value:
                 found.append(f"{entry} {stat[stat.index('(') + 1:stat.rindex(')')]}")
     return found
+
+
+def _children(pid: int) -> list[str]:
+    return _procs(1, pid)
 
 
 def _listing(folder: Path) -> dict[str, tuple[int, int]]:
@@ -330,17 +335,7 @@ def drive(cases_path: str, results_path: str) -> int:
 # --- the test ---------------------------------------------------------------------------------------
 
 def _session_members(sid: int) -> list[str]:
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            fields = stat[stat.rindex(")") + 2:].split()
-            if int(fields[3]) == sid:  # session id
-                found.append(f"{entry} {stat[stat.index('(') + 1:stat.rindex(')')]}")
-    return found
+    return _procs(3, sid)
 
 
 def _inside(path: str, out: str) -> bool:
