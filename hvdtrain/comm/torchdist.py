@@ -7,6 +7,7 @@ rank 0's address and a free port shared over mpi4py (mpirun, srun --mpi=pmix).
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 import socket
 from typing import Any
@@ -95,4 +96,8 @@ class TorchDistComm(Comm):
 
     def shutdown(self) -> None:
         if dist.is_initialized():
+            # Collect the wrappers and pending work that still reference the process group first, so
+            # that destroying it joins gloo's worker threads now, not during interpreter exit.
+            gc.collect()
             dist.destroy_process_group()
+            gc.collect()

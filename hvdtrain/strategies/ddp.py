@@ -36,6 +36,14 @@ class DDPStrategy(SyncStrategy):
         self.bytes_sent += ring_bytes(self._payload, self.size)
         super().step(optimizer, scaler)
 
+    def detach(self) -> None:
+        # The DDP wrapper holds the process group and gloo's pending work (tensors with Python
+        # references): dropped here, while the interpreter is whole, so that the process group's
+        # worker threads are joined by shutdown() and not at interpreter exit (where a worker that
+        # frees a tensor needs the GIL, is ended by Python's finalization and aborts the process:
+        # "terminate called without an active exception").
+        self.ddp = None
+
     def broadcast_state(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
         for t in model.state_dict().values():  # after a resume: rank 0's checkpointed state
             torch.distributed.broadcast(t, src=0)
