@@ -44,7 +44,8 @@ LOG="${HVDTRAIN_INSTALL_LOG:-$CACHE/install.log}"
 : > "$LOG"
 
 SAY_FD=1; [ "$MODE" = horovod-wheel ] && SAY_FD=2  # --horovod-wheel: stdout is the wheel's path only
-say() { echo "[install] $*" >&"$SAY_FD"; }
+# Each line starts with the seconds since the install began, so a slow step shows where the time went.
+say() { printf '[install %4ds] %s\n' "$SECONDS" "$*" >&"$SAY_FD"; }
 changed() { CHANGED=1; say "$*"; }
 # Run a build step with its output in the log; on failure, say so with the log's path and its tail.
 quiet() {
