@@ -254,6 +254,7 @@ FORWARDED = {
     "compare": ("hvdtrain.tools.compare", "run the same job under each strategy; report, JSON and plots"),
     "bench": ("hvdtrain.tools.bench", "benchmarks: bench allreduce, train, synthetic, convergence or fit"),
     "doctor": ("hvdtrain.tools.doctor", "check torch, Horovod, MPI and each launcher (a 2-rank allreduce)"),
+    "plan": ("hvdtrain.tools.plan", "predict step time and scaling of every strategy on a cluster; --calibrate, --validate"),
 }
 
 

@@ -9,7 +9,7 @@ import pytest
 
 from hvdtrain.tools.bench import KINDS
 
-COMMANDS = ("train", "data", "compare", "bench", "doctor")
+COMMANDS = ("train", "data", "compare", "bench", "doctor", "plan")
 
 # argv before --help -> words the help must show (its options, or the sub-commands it lists)
 CASES: dict[tuple[str, ...], tuple[str, ...]] = {
@@ -25,6 +25,7 @@ CASES: dict[tuple[str, ...], tuple[str, ...]] = {
     ("bench", "convergence"): ("--np", "--workloads", "--lrs", "--tiny"),
     ("bench", "fit"): ("--out", "--epochs", "--repeats"),
     ("doctor",): ("--np", "--timeout", "--json", "--no-smoke"),
+    ("plan",): ("--model", "--params", "--nodes", "--profile", "--calibrate", "--validate", "--published"),
 }
 
 
