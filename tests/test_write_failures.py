@@ -354,3 +354,42 @@ def test_compare_plots_on_a_read_only_folder(tmp_path, mounts, monkeypatch, caps
     assert compare.main([]) == EXIT_WRITE  # `hvdtrain compare` ends with one line
     err = capsys.readouterr().err
     assert err.startswith(f"hvdtrain: error: cannot write {folder}/loss_vs_step.png: Read-only") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("which", ["summary.json", "evals.jsonl"])
+@pytest.mark.parametrize("how", ["full", "read-only"])
+def test_summary_and_evals_writes_fail_with_the_path_and_the_reason(tmp_path, mounts, which, how):
+    """The run's last records: a full disk or a read-only file system is a WriteError naming the
+    file and the reason, and leaves neither a partial file nor a temporary one. (The CLI turns a
+    WriteError into one line and EXIT_WRITE: test_disk_full_at_the_end_leaves_no_partial_model.)"""
+    from hvdtrain.metrics import MetricsLog, write_summary
+    small = mounts.tmpfs(tmp_path / "small", "8k")
+    log = MetricsLog(small, enabled=True, total_steps=1, stream=open(os.devnull, "w"))
+    assert log.error is None  # metrics.jsonl and evals.jsonl created (empty) while there was room
+    if how == "full":
+        filler = small / "filler"
+        with pytest.raises(OSError):
+            with open(filler, "wb") as f:
+                while True:
+                    f.write(b"x" * 1024)
+                    f.flush()
+        reason = "No space left on device (ENOSPC)"
+    else:
+        mounts.read_only(small)
+        reason = "Read-only file system (EROFS)"
+    record = {"eval_loss": 0.5, "note": "y" * 20000}  # more than the 8k file system holds
+    if which == "summary.json":
+        with pytest.raises(WriteError) as failed:
+            write_summary(small, record)
+        error = failed.value
+    else:
+        log.evaluation(1, 0.1, record)
+        error = log.error
+        assert log.failed
+    assert isinstance(error, WriteError) and error.path == str(small / which), error
+    assert f"cannot write {small / which}: {reason}" in str(error), str(error)
+    if which == "summary.json":
+        assert not (small / which).exists()
+    else:
+        assert (small / which).read_text() in ("",) or (small / which).read_text().endswith("\n")
+    no_temp_files(small)
