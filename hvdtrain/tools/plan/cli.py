@@ -10,8 +10,12 @@ from hvdtrain.errors import EXIT_USAGE, EXIT_WRITE, ConfigError, WriteError
 from hvdtrain.tools.launch import ends_its_jobs
 from hvdtrain.tools.plan import model as M
 from hvdtrain.tools.plan import report
+from hvdtrain.tools.plan.validate import SECONDS_PER_RUN
 from hvdtrain.tools.plan.core import (DEFAULT_NODES, DEFAULT_SWEEP, OUT_JSON, OUT_MD, OUT_PNG, Options, Result,
                                       build, check, check_options)
+
+DESCRIPTION = ("Predict one training step, samples/s and scaling of every strategy on a cluster, from an "
+               "alpha-beta(-gamma) model of its collectives and their overlap (hvdtrain/tools/plan/model.py).")
 
 
 def _list(kind: type, name: str) -> Callable[[str], tuple[Any, ...]]:
@@ -37,7 +41,7 @@ def _count(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from hvdtrain.cli import Parser, json_arg
-    p = Parser(prog="hvdtrain plan", description=__doc__.split("\n\n")[0],
+    p = Parser(prog="hvdtrain plan", description=DESCRIPTION,
                formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("model and compute")
     g.add_argument("--model", help="MODULE:ATTR (or mlp, net) whose trainable parameters are counted")
@@ -99,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--validate", action="store_true", help="run the validation grid and compare (see validate.py)")
     g.add_argument("--tiny", action="store_true", help="--validate: a few configs and steps (CI)")
     g.add_argument("--repeats", type=int, default=3, help="--validate: interleaved repeats per config (default 3)")
+    g.add_argument("--seconds-per-run", type=float, default=SECONDS_PER_RUN,
+                   help="--validate: seconds of training per run, by the prediction (default %(default)s)")
     return p
 
 

@@ -103,12 +103,12 @@ def predict(cfg: Config, compute: M.Compute, profile: dict[str, Any] | None, fus
             "comm_fraction": pred.exposed_comm_seconds / pred.step_seconds}
 
 
-def steps_for(cfg: Config, step_seconds: float, tiny: bool) -> int:
+def steps_for(cfg: Config, step_seconds: float, tiny: bool, seconds: float = SECONDS_PER_RUN) -> int:
     """Steps for about SECONDS_PER_RUN of training: >= MIN_STEPS and two syncs, a multiple of k."""
     k = cfg.k or 1
     if tiny:
         return max(16, 2 * k)
-    steps = int(min(MAX_STEPS, max(MIN_STEPS, 2 * k, SECONDS_PER_RUN / max(step_seconds, 1e-6))))
+    steps = int(min(MAX_STEPS, max(MIN_STEPS, 2 * k, seconds / max(step_seconds, 1e-6))))
     return -(-steps // k) * k
 
 
@@ -188,6 +188,8 @@ def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
 def main_validate(args: argparse.Namespace) -> int:
     from hvdtrain.tools.plan import profile as P
     from hvdtrain.tools.plan.report import write_file
+    if not args.seconds_per_run > 0:
+        raise ConfigError(f"--seconds-per-run {args.seconds_per_run} must be > 0")
     if args.repeats < 1 or args.timeout <= 0:
         raise ConfigError(f"--repeats {args.repeats} must be >= 1 and --timeout {args.timeout} > 0")
     hosts = host_spec(args.hosts) if args.hosts else None
@@ -205,7 +207,7 @@ def main_validate(args: argparse.Namespace) -> int:
     results = []
     for c in configs:
         pred = predict(c, computes[c.model], prof)
-        results.append({"label": c.label, "config": c.__dict__, "steps": steps_for(c, pred["step_seconds"], args.tiny),
+        results.append({"label": c.label, "config": c.__dict__, "steps": steps_for(c, pred["step_seconds"], args.tiny, args.seconds_per_run),
                         "predicted": pred["samples_per_second"], "predicted_step_seconds": pred["step_seconds"],
                         "predicted_cycle": predict(c, computes[c.model], prof, "cycle")["samples_per_second"]
                         if c.k is None else pred["samples_per_second"], "runs": []})
