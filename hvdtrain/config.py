@@ -29,7 +29,7 @@ from hvdtrain.plugins import is_spec, nearest
 
 PARTITIONS = ("block", "random")
 DTYPES = ("float32", "float64")
-MPI_ALLREDUCES = ("auto", "native", "ring")
+MPI_ALLREDUCES = ("auto", "native", "ring", "shared")
 LR_SCHEDULES = ("constant", "cosine")
 AMP_MODES = ("none", "bf16", "fp16")
 OUTER_OPTIMIZERS = ("none", "sgd", "nesterov")
@@ -166,7 +166,7 @@ class SyncConfig:
     weights: tuple[float, ...] | None = None
     """MPI fallback: per-rank averaging weights (sum 1); default = block sizes / total."""
     mpi_allreduce: str = "auto"
-    """MPI fallback: `native` (pre-scale by w_i, then MPI_Allreduce), `ring` (hvdtrain's own ring, w_i folded into its first send), or `auto` (ring from 32 MiB of parameters when all ranks share one host, native otherwise)."""
+    """MPI fallback: `native` (pre-scale by w_i, then MPI_Allreduce), `ring` (hvdtrain's own ring, w_i folded into its first send), `shared` (all ranks on one host: each rank's parameters are a row of one shared-memory file and rank r averages segment r of every row; native when shared memory is missing or too small), or `auto` (shared from 8 KiB of parameters when all ranks share one host, native otherwise)."""
     warmup_allreduce_steps: int = 0
     """MPI fallback: average gradients every step (as Horovod) for the first W steps, then parameters every k."""
     outer_optimizer: str = "none"

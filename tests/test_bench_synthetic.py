@@ -108,6 +108,23 @@ def test_totals_and_ratios() -> None:
     assert rows[1]["vs_handwritten_horovod"] == 1 and rows[1]["vs_plain"] == 0.5
     assert rows[2]["vs_handwritten_horovod"] is None and rows[2]["vs_plain"] == 1
     assert "20.0 +- 13.9" in B.format_table(rows)
+    # one run each: the paired ratio is the point ratio, an interval of one pair
+    assert rows[1]["img_per_sec_per_rank_runs"] == [20.0, 20.0]  # each run's mean over its ranks' iterations
+    assert rows[1]["vs_handwritten_horovod_interval"] is None  # 2 runs against 1: no pairs to form
+    assert rows[2]["vs_plain_interval"]["ci95"] == [1.0, 1.0] and rows[2]["vs_plain_interval"]["pairs"] == 1
+
+
+def test_paired_ratios_over_interleaved_runs() -> None:
+    hand, mine = (B.Job("horovod (hand-written)", "horovod-hand", "horovodrun", 2, "stock", []),
+                  B.Job("horovod", "strategy", "horovodrun", 2, "hvdtrain", []))
+    rec = lambda a, b: [{"img_per_sec": [a], "threads": 1}, {"img_per_sec": [b], "threads": 1}]  # noqa: E731
+    rows = [B.row_of(hand, [rec(10, 10), rec(20, 20), rec(30, 30)]),
+            B.row_of(mine, [rec(9, 11), rec(19, 19), rec(30, 36)])]  # run means 10, 19, 33
+    B.add_ratios(rows)
+    s = rows[1]["vs_handwritten_horovod_interval"]
+    assert s["a"] == [10, 19, 33] and s["b"] == [10, 20, 30] and s["median_ratio"] == pytest.approx(1.0)
+    assert 0.95 - 1e-12 <= s["ci95"][0] <= 1.0 <= s["ci95"][1] <= 1.1 + 1e-12
+    assert "1.000 [" in B.format_table(rows)
 
 
 @pytest.mark.parametrize("change, words", [

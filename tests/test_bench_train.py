@@ -131,3 +131,20 @@ def test_efficiency_is_relative_to_the_same_strategy_at_one_rank() -> None:
     add_ratios(rows)
     assert rows[1]["efficiency"] == 1.0 and rows[2]["efficiency"] == pytest.approx(0.9)
     assert rows[1]["vs_plain"] == pytest.approx(0.9) and rows[2]["vs_plain"] is None
+
+
+def test_ratios_of_paired_runs_with_intervals() -> None:
+    """With every run kept, run i of a row is paired with run i of its reference: efficiency
+    against N x the 1-rank run, vs plain against the plain loop's run."""
+    runs = {("plain torch", 1): [100.0, 50.0, 80.0], ("horovod", 1): [90.0, 50.0, 72.0],
+            ("horovod", 2): [162.0, 80.0, 144.0]}
+    rows = [{"strategy": s, "ranks": n, "samples_per_sec": r[0], "samples_per_sec_runs": r}
+            for (s, n), r in runs.items()]
+    add_ratios(rows)
+    # vs plain: 0.9, 1.0, 0.9 -> 0.9; efficiency: 162/180, 80/100, 144/144 -> 0.9
+    assert rows[1]["vs_plain_interval"]["median_ratio"] == pytest.approx(0.9)
+    assert rows[2]["efficiency_interval"]["median_ratio"] == pytest.approx(0.9)
+    assert rows[2]["efficiency_interval"]["b"] == [180.0, 100.0, 144.0]  # N x the 1-rank runs
+    lo, hi = rows[2]["efficiency_interval"]["ci95"]
+    assert 0.8 - 1e-12 <= lo <= 0.9 <= hi <= 1.0 + 1e-12
+    assert rows[1]["efficiency_interval"]["ci95"] == [1.0, 1.0] and rows[2]["vs_plain_interval"] is None

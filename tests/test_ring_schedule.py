@@ -53,7 +53,8 @@ def simulate_ring(data: list[np.ndarray], chunk: int,
                   scales: list[float] | None = None) -> list[np.ndarray]:
     """Run the schedule on virtual ranks: at each step every rank sends, then every rank
     receives (copies taken first, as messages are), chunk by chunk. `scales` mirrors
-    ring_allreduce_'s per-rank scale: own data is scaled when sent at step 0 and when an
+    ring_allreduce_'s per-rank scale: own data is scaled into the message sent at step 0 (the
+    segment itself keeps its unscaled values until the allgather overwrites it) and when an
     incoming chunk is first added to it."""
     size, n = len(data), data[0].size
     scales = scales or [1.0] * size
@@ -61,11 +62,7 @@ def simulate_ring(data: list[np.ndarray], chunk: int,
     segments = segment_bounds(n, size)
     for t in range(2 * (size - 1)):
         steps = [ring_step(t, r, size) for r in range(size)]
-        if t == 0:
-            for r, s in enumerate(steps):
-                a, b = segments[s.send]
-                out[r][a:b] *= scales[r]
-        msgs = [[out[r][a:b].copy() for a, b in chunk_bounds(*segments[s.send], chunk)]
+        msgs = [[out[r][a:b] * (scales[r] if t == 0 else 1.0) for a, b in chunk_bounds(*segments[s.send], chunk)]
                 for r, s in enumerate(steps)]
         for r, s in enumerate(steps):
             incoming = msgs[(r - 1) % size]
@@ -103,6 +100,17 @@ def test_per_rank_scale_gives_the_weighted_sum(n: int, size: int) -> None:
     expected = sum(w * d for w, d in zip(scales, data, strict=True)) if n else np.zeros(0)
     for r, got in enumerate(simulate_ring(data, 5, scales)):
         np.testing.assert_array_equal(got, expected, err_msg=f"rank {r} of {size}, n={n}")
+
+
+@pytest.mark.parametrize("size", [2, 3, 5, 8])
+def test_the_segment_sent_scaled_at_step_0_is_overwritten_in_the_allgather(size: int) -> None:
+    """ring_allreduce_ scales its first send into a scratch copy and leaves the segment itself
+    unscaled: correct only because no later reduce step reads it and the allgather replaces it."""
+    for rank in range(size):
+        sched = ring_schedule(rank, size)
+        first = sched[0].send
+        assert all(step.recv != first for step in sched[:size - 1])  # never added to again
+        assert sum(step.recv == first for step in sched[size - 1:]) == 1  # overwritten once
 
 
 @pytest.mark.parametrize("size", [2, 3, 5])

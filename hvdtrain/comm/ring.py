@@ -130,7 +130,8 @@ def as_flat_array(buf: Buffer) -> np.ndarray:
 
 def _ring_step(comm: Any, flat: np.ndarray, slots: list[np.ndarray] | None,
                sends: list[tuple[int, int]], recvs: list[tuple[int, int]],
-               left: int, right: int, send_scale: float = 1.0, recv_scale: float = 1.0) -> None:
+               left: int, right: int, send_scale: float = 1.0, recv_scale: float = 1.0,
+               send_slots: list[np.ndarray] | None = None) -> None:
     """Exchange one segment's chunks with both neighbours, SCRATCH_DEPTH chunks in flight.
 
     Chunk k is sent and its receive posted together; chunk k-DEPTH+1 is then completed
@@ -138,7 +139,9 @@ def _ring_step(comm: Any, flat: np.ndarray, slots: list[np.ndarray] | None,
     The window bounds both the scratch and the number of unmatched messages MPI must queue:
     posting every send at once makes matching cost grow with the chunk count.
     `send_scale` / `recv_scale` multiply this rank's own data, chunk by chunk while it is in
-    cache, just before it is sent or has the incoming chunk added to it.
+    cache, just before it is sent or has the incoming chunk added to it. A scaled send goes out
+    of `send_slots` (scratch like `slots`): `flat` keeps its unscaled values there, which the
+    allgather overwrites anyway, and is not written back to memory for nothing.
     """
     def finish(j: int) -> None:
         if j < len(recvs):
@@ -161,9 +164,11 @@ def _ring_step(comm: Any, flat: np.ndarray, slots: list[np.ndarray] | None,
             recv_reqs.append(comm.Irecv(dst, source=left, tag=RING_TAG))
         if k < len(sends):
             a, b = sends[k]
+            src = flat[a:b]
             if send_scale != 1.0:
-                np.multiply(flat[a:b], send_scale, out=flat[a:b])
-            send_reqs.append(comm.Isend(flat[a:b], dest=right, tag=RING_TAG))
+                src = send_slots[k % SCRATCH_DEPTH][:b - a] if send_slots is not None else src
+                np.multiply(flat[a:b], send_scale, out=src)
+            send_reqs.append(comm.Isend(src, dest=right, tag=RING_TAG))
         if k >= SCRATCH_DEPTH - 1:  # frees slot (k+1) % DEPTH for the next receive
             finish(k - SCRATCH_DEPTH + 1)
     for j in range(max(0, n - SCRATCH_DEPTH + 1), n):
@@ -178,7 +183,8 @@ def ring_allreduce_(comm: Any, buf: Buffer, chunk_bytes: int = 1 << 20,
     collective); `scale` may differ per rank, which gives the weighted average
     sum_j w_j x_j of the MPI fallback in one pass instead of a scaling pass over the whole
     buffer followed by an allreduce. The scratch is allocated once per call and is at most
-    SCRATCH_DEPTH chunks, independent of the buffer size.
+    SCRATCH_DEPTH chunks (twice that with a scale: the scaled sends), independent of the
+    buffer size.
     """
     flat = as_flat_array(buf)
     if scale != 1.0 and not np.issubdtype(flat.dtype, np.floating):
@@ -192,15 +198,17 @@ def ring_allreduce_(comm: Any, buf: Buffer, chunk_bytes: int = 1 << 20,
     segments = segment_bounds(flat.size, size)
     longest = max(b - a for a, b in segments)
     slot_len = min(chunk, longest)
-    scratch = np.empty(SCRATCH_DEPTH * slot_len, dtype=flat.dtype)
-    slots = [scratch[i * slot_len:(i + 1) * slot_len] for i in range(SCRATCH_DEPTH)]
+    depth = SCRATCH_DEPTH * (2 if scale != 1.0 else 1)  # scaled sends need their own slots
+    scratch = np.empty(depth * slot_len, dtype=flat.dtype)
+    slots = [scratch[i * slot_len:(i + 1) * slot_len] for i in range(depth)]
+    recv_slots, send_slots = slots[:SCRATCH_DEPTH], slots[SCRATCH_DEPTH:] or None
     left, right = (rank - 1) % size, (rank + 1) % size
     for t, step in enumerate(ring_schedule(rank, size)):
         sends = chunk_bounds(*segments[step.send], chunk)
         recvs = chunk_bounds(*segments[step.recv], chunk)
         # Own data is read exactly once in the reduce-scatter: the segment sent at step 0,
         # and each received segment (each arrives once). Scale it there and nowhere else.
-        _ring_step(comm, flat, slots if step.reduce else None, sends, recvs, left, right,
+        _ring_step(comm, flat, recv_slots if step.reduce else None, sends, recvs, left, right,
                    send_scale=scale if t == 0 else 1.0,
-                   recv_scale=scale if step.reduce else 1.0)
+                   recv_scale=scale if step.reduce else 1.0, send_slots=send_slots)
     return buf

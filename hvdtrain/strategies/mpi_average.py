@@ -1,7 +1,9 @@
 """`mpi`: the MPI fallback. Broadcast from rank 0, local steps, weighted parameter averaging every k.
 
 The averaging rule (DESIGN.md): theta_i <- theta_i + alpha (sum_j w_j theta_j - theta_i), done
-as one in-place SUM allreduce of a flat buffer that each rank pre-scales by its own w_i.
+on one flat buffer per rank (FlatAverager): on one host as one pass over shared memory that
+weights and sums every rank's buffer (comm.mpi.SharedRows), otherwise as one in-place SUM
+allreduce of the buffer each rank pre-scales by its own w_i.
 Floating-point buffers (BatchNorm statistics) live in the same flat buffer, so they are averaged
 with the same weights at every sync. Options (SyncConfig):
 - warmup_allreduce_steps W (post-local SGD): the first W steps average gradients as Horovod does
@@ -25,24 +27,32 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
+from hvdtrain.comm.mpi import SharedRows, on_one_host
 from hvdtrain.data import averaging_weights
 from hvdtrain.strategies.base import SyncStrategy, float_buffers, ring_bytes
 from hvdtrain.strategies.outer import OuterOptimizer
 
 
-AUTO_RING_BYTES = 32 * 2 ** 20
-"""`auto` picks the ring from here, when all ranks share one host: `hvdtrain bench allreduce --np 2`
-(one host, hvdtrain's MPI settings) measured the ring at 1.11-1.37x raw MPI_Allreduce's busbw at
-64-256 MiB but 0.16-0.73x at 1-16 MiB (per-chunk Python), and native with its separate weighting
-pass at 0.55-0.73x. Across 2 hosts at 1 Gbit/s the ring was 0.55x raw at 64 MiB (native 1.00x),
-so across hosts `auto` stays native."""
+AUTO_SHARED_BYTES = 8 * 2 ** 10
+"""`auto` averages through shared memory (comm.mpi.SharedRows) from here when all ranks share one
+host, and uses `native` below it and across hosts. Measured with `hvdtrain bench allreduce --np 2
+--repeat 5` (one host, hvdtrain's MPI settings, raw = `mpi4py-tuned`): native's separate weighting
+pass (read and write the whole buffer once more) made it 0.72-0.75x raw at 4-16 MiB, and the ring
+(which `auto` took from 32 MiB) 0.58x at 64 MiB, where MPI's tuned segmented ring beats hvdtrain's
+Python-driven one; shared memory folds the weight into the one pass that reduces. Across 2 hosts
+at 1 Gbit/s native was 1.00x raw (the weighting pass hides behind the network)."""
 
 
 class FlatAverager:
     """Keeps `params` as views into one flat buffer so a sync is: scale, allreduce, (mix).
 
     On CPU the buffer is shared with the parameters (no copies); on a GPU the flat device
-    tensor is staged through a host buffer.
+    tensor is staged through a host buffer. `allreduce` (SyncConfig.mpi_allreduce): `native`
+    scales by the weight, then MPI_Allreduce; `ring` is hvdtrain's ring with the weight folded
+    into its first send; `shared` keeps the host buffer in a row of shared memory and sums the
+    weighted rows in one pass (comm.mpi.SharedRows; all ranks on one host); `auto` is `shared`
+    from AUTO_SHARED_BYTES on one host, `native` otherwise. `self.allreduce` is what runs
+    (`shared` falls back to `native` where shared memory cannot be had).
     """
 
     def __init__(self, comm: Any, params: list[torch.Tensor], weight: float, alpha: float,
@@ -52,8 +62,16 @@ class FlatAverager:
         dtype = params[0].dtype
         device = params[0].device
         total = sum(p.numel() for p in params)
+        np_dtype = np.dtype(str(dtype).removeprefix("torch."))
+        self.shared: SharedRows | None = None
+        if allreduce in ("auto", "shared"):  # collective: every rank builds its averager in attach
+            large = allreduce == "shared" or total * np_dtype.itemsize >= AUTO_SHARED_BYTES
+            if large and on_one_host(comm):
+                self.shared = SharedRows.create(comm, total, np_dtype)
+            self.allreduce = "shared" if self.shared is not None else "native"
+        host = self.shared.mine if self.shared is not None else None
         if device.type == "cpu":  # numpy's allocator asks for huge pages: faster shared-memory MPI
-            self.flat = torch.from_numpy(np.empty(total, dtype=str(dtype).removeprefix("torch.")))
+            self.flat = torch.from_numpy(host if host is not None else np.empty(total, dtype=np_dtype))
         else:
             self.flat = torch.empty(total, dtype=dtype, device=device)
         offset = 0
@@ -62,17 +80,18 @@ class FlatAverager:
             self.flat[offset:offset + n].copy_(p.detach().reshape(-1))
             p.data = self.flat[offset:offset + n].view_as(p)
             offset += n
-        self.host = self.flat.numpy() if device.type == "cpu" else np.empty(total, str(dtype).removeprefix("torch."))
-        if allreduce == "auto":  # collective: every rank builds its averager in attach
-            shared = comm.Split_type(MPI.COMM_TYPE_SHARED)
-            one_host = comm.allreduce(int(shared.Get_size() == comm.Get_size()), op=MPI.MIN) == 1
-            shared.Free()
-            self.allreduce = "ring" if one_host and self.host.nbytes >= AUTO_RING_BYTES else "native"
+        self.host = self.flat.numpy() if device.type == "cpu" else host if host is not None else \
+            np.empty(total, np_dtype)
         self.prev = np.empty_like(self.host) if alpha < 1 else None
         self.nbytes = self.host.nbytes
 
     def _weighted_sum(self, comm: Any, weight: float) -> None:
-        """host <- sum_j w_j host_j: the ring folds w_i into its first send; MPI needs a pass."""
+        """host <- sum_j w_j host_j: shared memory and the ring fold w_i into the pass that sums;
+        MPI_Allreduce needs a pass of its own. The shared rows belong to the averager's own
+        communicator; a sync over another (Hierarchy's) runs native on this rank's row."""
+        if self.shared is not None and comm is self.comm:
+            self.shared.weighted_sum_(weight)
+            return
         if self.allreduce == "ring":
             from hvdtrain.comm.ring import ring_allreduce_
             ring_allreduce_(comm, self.host, scale=weight)
@@ -282,7 +301,8 @@ class MPIAverage(SyncStrategy):
 
     def summary(self, summary: dict[str, Any]) -> dict[str, Any]:
         cfg = self.sync_cfg
-        return {"sync_every": cfg.sync_every, "alpha": cfg.alpha, "mpi_allreduce": cfg.mpi_allreduce}
+        return {"sync_every": cfg.sync_every, "alpha": cfg.alpha, "mpi_allreduce": cfg.mpi_allreduce,
+                "mpi_allreduce_path": getattr(getattr(self, "averager", None), "allreduce", None)}  # auto's choice
 
     def state_dict(self) -> dict[str, Any]:
         return {"steps": self._steps, "last_sync": self._last_sync, "syncs": self.syncs,

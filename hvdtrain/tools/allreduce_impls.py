@@ -8,7 +8,9 @@ list implementations without joining an MPI job.
 Each implementation is opened as a `BenchGroup`: the rank layout, a barrier and an
 elementwise max over ranks (the bench times each iteration between a barrier and the op's
 return, then takes the slowest rank), and `make_allreduce(nbytes)`, which preallocates a
-float32 buffer and returns a no-argument callable that sums it over all ranks in place.
+float32 buffer and returns a no-argument callable that sums it over all ranks in place; a
+callable may carry `path`, the code path it runs (hvdtrain-mpi: what `--mpi-allreduce auto`
+chose at that size), which the bench records with the row.
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ import numpy as np
 IMPLS: dict[str, str] = {
     "mpi4py": "mpirun",          # raw comm.Allreduce(IN_PLACE, SUM): the reference
     "mpi4py-tuned": "mpirun",    # the same under hvdtrain's rank environment
-    "hvdtrain-mpi": "mpirun",    # FlatAverager.sync(), the MPI fallback's averaging step
+    "hvdtrain-mpi": "mpirun",    # FlatAverager.sync(), the MPI fallback's averaging step (its `path`)
     "hvdtrain-ring": "mpirun",   # hvdtrain's own chunked ring (comm/ring.py)
     "horovod-mpi": "mpirun",     # hvd.allreduce_ with hvdtrain's Horovod settings
     "horovod-gloo": "horovodrun",  # the same under `horovodrun --gloo`
@@ -82,8 +84,13 @@ def _open_mpi(name: str, chunk_bytes: int) -> BenchGroup:
             # As training uses it: equal weights 1/N, full averaging (alpha = 1), the
             # default of --mpi-allreduce.
             param = torch.ones(max(1, nbytes // 4), dtype=torch.float32)
-            return FlatAverager(comm, [param], 1.0 / comm.size, 1.0,
-                                field_default(BY_KWARG["mpi_allreduce"])).sync
+            averager = FlatAverager(comm, [param], 1.0 / comm.size, 1.0,
+                                    field_default(BY_KWARG["mpi_allreduce"]))
+
+            def sync() -> None:
+                averager.sync()
+            sync.path = averager.allreduce  # type: ignore[attr-defined]
+            return sync
         buf = _floats(nbytes)
         if name == "hvdtrain-ring":
             from hvdtrain.comm.ring import ring_allreduce_

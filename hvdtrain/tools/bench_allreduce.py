@@ -11,6 +11,15 @@ is); p50 over iterations. algbw = bytes / p50; busbw = algbw * 2(N-1)/N, the byt
 moves in a ring allreduce, so it compares with the link or memory bandwidth whatever N is.
 memcpy runs on one rank and reports busbw = algbw (a copy moves each byte once).
 
+Repeats (`--repeat R`, R >= 5 for an interval worth reading): whole jobs of every implementation,
+interleaved (impl1, impl2, ..., impl1, impl2, ...; hvdtrain.tools.stats), so a slow phase of a
+shared machine hits every implementation alike. A row's p50 is the median of its runs' p50s;
+every row but raw MPI's also gets `vs_raw`, its busbw over raw MPI's at the same size, as the
+median over the R pairs (run i of both) with a 95% bootstrap interval (`vs_raw_interval`).
+Raw MPI means `mpi4py` under the same rank environment: `mpi4py-tuned` for the implementations
+hvdtrain configures (HVDTRAIN_CONFIGURED), plain `mpi4py` for the others (and for mpi4py-tuned
+itself, which then shows what the settings buy).
+
 Across hosts: `--hosts H1:slots,H2:slots` starts every MPI and Horovod job there (mpirun
 --host, horovodrun -H; memcpy stays on this host), the --out folder must be visible to every
 host at the same path, and the JSON meta records the hosts, `--label` and, on the local
@@ -36,6 +45,7 @@ import numpy as np
 
 from hvdtrain.comm.env import job_env_defaults
 from hvdtrain.tools import tables
+from hvdtrain.tools.stats import format_ratio, interleaved_order, median, paired, ratio_summary
 from hvdtrain.tools.allreduce_impls import (DEFAULT_IMPLS, HVDTRAIN_CONFIGURED, IMPLS, BenchGroup,
                                               horovod_env_defaults, open_impl)
 from hvdtrain.tools.launch import (TIMEOUT_EXIT, check_capacity, ends_its_jobs, horovodrun_cmd, host_args,
@@ -92,7 +102,9 @@ def run_worker(args: argparse.Namespace) -> int:
             times[i] = time.perf_counter() - start
         slowest = group.max_over_ranks(times)
         if group.rank == 0:
-            row = make_row(args.worker, group.size, nbytes, float(np.median(slowest)))
+            row = {**make_row(args.worker, group.size, nbytes, median(slowest)), "repeat": args.repeat_index}
+            if getattr(op, "path", None):  # the code path that ran (hvdtrain-mpi: auto's choice)
+                row["path"] = op.path
             with open(args.rows, "a") as f:
                 f.write(json.dumps(row) + "\n")
         del op
@@ -117,12 +129,14 @@ def open_group(args: argparse.Namespace) -> BenchGroup:
 
 
 def launch_command(impl: str, args: argparse.Namespace, port: int,
-                   env: dict[str, str] | None = None) -> list[str]:
-    """The command line that runs `impl` as a job of --np ranks (1 for memcpy, on this host)."""
+                   env: dict[str, str] | None = None, repeat: int = 0) -> list[str]:
+    """The command line that runs `impl` as a job of --np ranks (1 for memcpy, on this host);
+    its rows carry `repeat`, the round of the interleaved schedule it belongs to."""
     worker = ["-m", "hvdtrain.tools.bench_allreduce", "--worker", impl, "--rows", str(args.rows),
               "--min-bytes", str(args.min_bytes), "--max-bytes", str(args.max_bytes),
               "--factor", str(args.factor), "--iters", str(args.iters), "--warmup",
-              str(args.warmup), "--chunk-bytes", str(args.chunk_bytes), "--port", str(port)]
+              str(args.warmup), "--chunk-bytes", str(args.chunk_bytes), "--port", str(port),
+              "--repeat-index", str(repeat)]
     if IMPLS[impl] == "local":
         return [sys.executable, *worker]
     if args.hosts:
@@ -210,23 +224,75 @@ def collect_meta(args: argparse.Namespace, failed: dict[str, str]) -> dict[str, 
             "settings": {"np": args.np, "min_bytes": args.min_bytes, "max_bytes": args.max_bytes,
                          "factor": args.factor, "iters": args.iters, "warmup": args.warmup,
                          "chunk_bytes": args.chunk_bytes, "mpirun_args": args.mpirun_args,
+                         "repeat": args.repeat,
                          "dtype": "float32", "op": "sum, in place", "torch_threads": 1,
                          "job_env": {k: os.environ.get(k, v)
                                      for k, v in job_env_defaults(args.np, args.hosts).items()},
                          "job_env_note": f"given to {', '.join(sorted(HVDTRAIN_CONFIGURED))}"}}
 
 
+RAW, RAW_TUNED = "mpi4py", "mpi4py-tuned"
+
+
+def raw_reference(impl: str, present: set[str]) -> str | None:
+    """The raw MPI row `impl` is compared with: the same rank environment where it ran
+    (mpi4py-tuned for what hvdtrain configures, else mpi4py), or the other one if only that ran;
+    none for raw MPI itself and for memcpy (one rank, a copy)."""
+    if impl in (RAW, "memcpy"):
+        return None
+    order = [RAW_TUNED, RAW] if impl in HVDTRAIN_CONFIGURED and impl != RAW_TUNED else [RAW]
+    return next((ref for ref in order if ref in present), None)
+
+
+def combine_runs(lines: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (impl, size) from the runs' rows (in the order they first appear): the median
+    of the runs' p50s, and each run's p50 with its repeat index (the pairs of `add_ratios`)."""
+    runs: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for line in lines:
+        runs.setdefault((line["impl"], line["bytes"]), []).append(line)
+    rows = []
+    for (impl, nbytes), mine in runs.items():
+        mine = sorted(mine, key=lambda r: r.get("repeat", 0))
+        seconds = median([r["p50_us"] * 1e-6 for r in mine])
+        path = {"path": mine[0]["path"]} if "path" in mine[0] else {}
+        rows.append({**make_row(impl, mine[0]["np"], nbytes, seconds), **path,
+                     "repeats": [r.get("repeat", 0) for r in mine],
+                     "p50_us_runs": [r["p50_us"] for r in mine], "busbw_gbps_runs": [r["busbw_gbps"] for r in mine]})
+    return rows
+
+
+def add_ratios(rows: list[dict[str, Any]]) -> None:
+    """`vs_raw`: busbw over the raw MPI reference's (`vs_raw_impl`) at the same size, from the
+    rows' medians; `vs_raw_interval`: the paired ratio (run i against run i) with its 95%
+    bootstrap interval (hvdtrain.tools.stats.ratio_summary)."""
+    present = {r["impl"] for r in rows}
+    by = {(r["impl"], r["bytes"]): r for r in rows}
+    for r in rows:
+        ref_impl = raw_reference(r["impl"], present)
+        ref = by.get((ref_impl, r["bytes"])) if ref_impl else None
+        r["vs_raw_impl"] = ref_impl if ref else None
+        r["vs_raw"] = r["busbw_gbps"] / ref["busbw_gbps"] if ref else None
+        a, b = paired(dict(zip(r["repeats"], r["busbw_gbps_runs"])),
+                      dict(zip(ref["repeats"], ref["busbw_gbps_runs"]))) if ref else ([], [])
+        r["vs_raw_interval"] = ratio_summary(a, b) if a else None
+
+
 COLUMNS = [("impl", "impl", "{}"), ("np", "np", "{}"), ("bytes", "bytes", "{}"), ("p50_us", "p50_us", "{:.1f}"),
            ("algbw GB/s", "algbw_gbps", "{:.3f}"), ("busbw GB/s", "busbw_gbps", "{:.3f}"),
-           ("vs mpi4py", "vs_mpi4py", "{:.2f}")]
+           ("raw", "vs_raw_impl", "{}"), ("x raw [95% CI]", "x_raw", "{}")]
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
-    """One line per (impl, size); `vs mpi4py` is busbw over raw MPI's at the same size."""
-    ref = {r["bytes"]: r["busbw_gbps"] for r in rows if r["impl"] == "mpi4py"}
-    shown = [{**r, "vs_mpi4py": r["busbw_gbps"] / ref[r["bytes"]] if r["impl"] != "memcpy" and ref.get(r["bytes"])
-              else None} for r in rows]
+    """One line per (impl, size); `x raw` is the paired busbw ratio to the raw MPI row named in
+    `raw` (the same rank environment), with its 95% bootstrap interval over the repeats."""
+    shown = [{**r, "x_raw": format_ratio(r["vs_raw_interval"]) or None} for r in rows]
     print(tables.format_table(COLUMNS, shown))
+    paths: dict[str, dict[str, list[int]]] = {}
+    for r in rows:
+        if r.get("path"):
+            paths.setdefault(r["impl"], {}).setdefault(r["path"], []).append(r["bytes"])
+    for impl, by in paths.items():
+        print(f"[bench] {impl} ran: " + ", ".join(f"{p} at {min(b)}-{max(b)} B" for p, b in by.items()))
 
 
 def where(meta: dict[str, Any]) -> str:
@@ -270,6 +336,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--factor", type=int, default=4, help="size step (4: 4 B, 16 B, ... 256 MiB)")
     p.add_argument("--iters", type=int, default=200, help="timed iterations (fewer for big sizes)")
     p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--repeat", type=int, default=1,
+                   help="whole runs of every implementation, interleaved (impl1, impl2, ..., impl1, ...); "
+                        "the ratios to raw MPI get a 95%% interval over them (use >= 5)")
     p.add_argument("--chunk-bytes", type=int, default=1 << 20, help="hvdtrain-ring chunk size")
     p.add_argument("--mpirun-args", default="--oversubscribe --bind-to none",
                    help="extra mpirun flags for the MPI jobs")
@@ -283,12 +352,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--rows", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--repeat-index", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.impls = [s for s in args.impls.split(",") if s]
     unknown = [s for s in args.impls if s not in IMPLS]
-    if unknown or args.np < 1:
+    if unknown or args.np < 1 or args.repeat < 1:
         p.error(f"unknown --impls {unknown} (choose from {', '.join(IMPLS)})" if unknown
-                else f"--np must be >= 1, got {args.np}")
+                else f"--np must be >= 1, got {args.np}" if args.np < 1
+                else f"--repeat must be >= 1, got {args.repeat}")
     byte_sizes(args.min_bytes, args.max_bytes, args.factor)  # validate early, with the values
     if args.hosts is not None:
         args.hosts = parse_hosts(args.hosts, args.np)  # ValueError: one line, exit 2, nothing launched
@@ -313,11 +384,14 @@ def main(argv: list[str]) -> int:
     args.rows.write_text("")
     args.links = link_shaping()  # the conditions the jobs start under
     failed: dict[str, str] = {}
-    for impl in args.impls:
-        log = args.out / "logs" / f"{impl}.log"
+    for rep, impl in interleaved_order(args.impls, args.repeat):
+        if impl in failed:  # a job that failed once is not run again
+            continue
+        log = args.out / "logs" / (f"{impl}.log" if args.repeat == 1 else f"{impl}-r{rep}.log")
         env = job_env(impl, args.np, args.hosts)
-        cmd = launch_command(impl, args, free_port(), env)
-        print(f"[bench] {impl}: {' '.join(cmd[:6])} ...", flush=True)
+        cmd = launch_command(impl, args, free_port(), env, rep)
+        round_ = f" (round {rep + 1}/{args.repeat})" if args.repeat > 1 else ""
+        print(f"[bench] {impl}{round_}: {' '.join(cmd[:6])} ...", flush=True)
         result = run(cmd, timeout=args.timeout, env=env)  # kills the whole job on timeout
         log.write_text(result.stdout)
         if result.returncode != 0:
@@ -325,7 +399,8 @@ def main(argv: list[str]) -> int:
                 else f"exit {result.returncode}"
             failed[impl] = f"{why}; see {log}"
             print(f"[bench] {impl} FAILED: {failed[impl]}", file=sys.stderr, flush=True)
-    rows = [json.loads(line) for line in args.rows.read_text().splitlines() if line.strip()]
+    rows = combine_runs([json.loads(line) for line in args.rows.read_text().splitlines() if line.strip()])
+    add_ratios(rows)
     meta = collect_meta(args, failed)
     (args.out / JSON_FILE).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
     print(f"[bench] allreduce busbw, {where(meta)}")

@@ -14,6 +14,9 @@ Rows, each a launched job with a timeout:
 - `ddp (hand-written)`: torch.distributed + DistributedDataParallel under mpirun (rendezvous:
   rank 0's address and a free port over mpi4py), stock environment;
 - `plain torch`: 1 rank, no communication.
+`--repeat R` launches every row R times, interleaved (all rows, then all again; hvdtrain.tools.stats);
+the ratios (vs hand-written Horovod, vs plain) also come as the median over the R pairs of runs
+(run i of both rows, each run's mean img/s) with a 95% bootstrap interval (`*_interval`; R >= 5).
 Every rank runs torch.set_num_threads(T) (default cores // N). Ranks run
 `python -m hvdtrain.tools.bench_synthetic --worker KIND DIR SETTINGS` and write DIR/rank-R.json.
 Writes OUT/synthetic.json (meta: machine, versions, threads, settings; rows) and a table.
@@ -34,6 +37,7 @@ from hvdtrain.tools import tables
 from hvdtrain.checkpoint import atomic_write_text
 from hvdtrain.errors import ConfigError
 from hvdtrain.tools.launch import check_capacity, ends_its_jobs, horovodrun_cmd, launcher_env, mpirun_args, run
+from hvdtrain.tools.stats import format_ratio, interleaved_order, ratio_summary
 
 
 class Job(NamedTuple):
@@ -269,36 +273,48 @@ def launch(job: Job, s: dict[str, Any], run_dir: Path, timeout: float) -> list[d
 
 
 def row_of(job: Job, records: list[list[dict[str, Any]]]) -> dict[str, Any]:
-    """Mean and 1.96 std over every rank's iterations (of every repeat); total = mean x ranks."""
+    """Mean and 1.96 std over every rank's iterations (of every repeat); total = mean x ranks.
+    `img_per_sec_per_rank_runs`: the same mean for each run alone (round i of the schedule)."""
     import numpy as np
     per_rank = [[v for rep in records for v in rep[r]["img_per_sec"]] for r in range(job.ranks)]
     values = np.array([v for rank in per_rank for v in rank])
     mean = float(values.mean())
+    runs = [float(np.mean([v for rank in rep for v in rank["img_per_sec"]])) for rep in records]
     return {"strategy": job.label, "ranks": job.ranks, "launcher": job.launcher, "env": job.env,
             "img_per_sec_per_rank_mean": mean, "img_per_sec_per_rank_ci95": float(1.96 * values.std()),
             "img_per_sec_total": mean * job.ranks, "img_per_sec_by_rank": per_rank,
+            "img_per_sec_per_rank_runs": runs,
             "threads": [records[0][r]["threads"] for r in range(job.ranks)]}
 
 
 def add_ratios(rows: list[dict[str, Any]]) -> None:
     """vs_handwritten_horovod: total over the hand-written Horovod total (same rank count);
-    vs_plain: img/s per rank over the plain 1-rank loop's (the scaling efficiency)."""
+    vs_plain: img/s per rank over the plain 1-rank loop's (the scaling efficiency). Each also as
+    `*_interval`: the paired ratio over the runs (run i against run i), with its 95% interval."""
     hand = next((r for r in rows if r["strategy"] == HAND_HOROVOD), None)
     plain = next((r for r in rows if r["strategy"] == PLAIN), None)
+
+    def interval(r: dict[str, Any], base: dict[str, Any] | None) -> dict[str, Any] | None:
+        a, b = r.get("img_per_sec_per_rank_runs"), base.get("img_per_sec_per_rank_runs") if base else None
+        return ratio_summary(a, b) if a and b and len(a) == len(b) else None
+
     for r in rows:
-        r["vs_handwritten_horovod"] = (r["img_per_sec_total"] / hand["img_per_sec_total"]
-                                       if hand and hand["ranks"] == r["ranks"] else None)
+        same = hand if hand and hand["ranks"] == r["ranks"] else None  # equal ranks: per rank = total ratio
+        r["vs_handwritten_horovod"] = r["img_per_sec_total"] / same["img_per_sec_total"] if same else None
+        r["vs_handwritten_horovod_interval"] = interval(r, same)
         r["vs_plain"] = (r["img_per_sec_per_rank_mean"] / plain["img_per_sec_per_rank_mean"] if plain else None)
+        r["vs_plain_interval"] = interval(r, plain)
 
 
 COLUMNS = [("strategy", "strategy", "{}"), ("ranks", "ranks", "{}"), ("img/s per rank", "per_rank", "{}"),
-           ("img/s total", "img_per_sec_total", "{:.1f}"), ("vs hand-written hvd", "vs_handwritten_horovod", "{:.3f}"),
-           ("vs plain", "vs_plain", "{:.3f}")]
+           ("img/s total", "img_per_sec_total", "{:.1f}"), ("vs hand-written hvd [95% CI]", "hand_ci", "{}"),
+           ("vs plain [95% CI]", "plain_ci", "{}")]
 
 
 def format_table(rows: list[dict[str, Any]], markdown: bool = False) -> str:
-    cells = [{**r, "per_rank": f"{r['img_per_sec_per_rank_mean']:.1f} +- {r['img_per_sec_per_rank_ci95']:.1f}"}
-             for r in rows]
+    cells = [{**r, "per_rank": f"{r['img_per_sec_per_rank_mean']:.1f} +- {r['img_per_sec_per_rank_ci95']:.1f}",
+              "hand_ci": format_ratio(r.get("vs_handwritten_horovod_interval"), 3) or None,
+              "plain_ci": format_ratio(r.get("vs_plain_interval"), 3) or None} for r in rows]
     return tables.format_table(COLUMNS, cells, markdown=markdown)
 
 
@@ -339,7 +355,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-batches-per-iter", type=int, default=10)
     p.add_argument("--num-iters", type=int, default=10)
     p.add_argument("--threads", type=int, default=0, help="torch threads per rank (0: cores // np)")
-    p.add_argument("--repeat", type=int, default=1, help="runs per row, interleaved; iterations pooled")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="runs per row, interleaved; iterations pooled, ratios get a 95%% interval (use >= 5)")
     p.add_argument("--strategies", default=None,
                    help="comma-separated rows to run (default all): registry names and the peers "
                         + ", ".join(PEERS))
@@ -397,17 +414,16 @@ def main(argv: list[str]) -> int:
     load_before = os.getloadavg()
     records: dict[str, list[list[dict[str, Any]]]] = {}
     failed: dict[str, str] = {}
-    for rep in range(args.repeat):
-        for job in selection:
-            if job.label in failed:
-                continue
-            name = job.label.replace(" ", "-").translate(str.maketrans("", "", "=(),"))
-            try:
-                records.setdefault(job.label, []).append(
-                    launch(job, s, out / "runs" / f"{name}-r{rep}", args.timeout))
-            except RuntimeError as exc:
-                failed[job.label] = str(exc)
-                records.pop(job.label, None)
+    for rep, job in interleaved_order(selection, args.repeat):
+        if job.label in failed:
+            continue
+        name = job.label.replace(" ", "-").translate(str.maketrans("", "", "=(),"))
+        try:
+            records.setdefault(job.label, []).append(
+                launch(job, s, out / "runs" / f"{name}-r{rep}", args.timeout))
+        except RuntimeError as exc:
+            failed[job.label] = str(exc)
+            records.pop(job.label, None)
     rows = [row_of(job, records[job.label]) for job in selection if job.label in records]
     add_ratios(rows)
     meta = {**machine(), "threads_per_rank": s["threads"], "load_before": load_before, "load_after": os.getloadavg(),
@@ -416,7 +432,8 @@ def main(argv: list[str]) -> int:
                 "hvdtrain": {k: os.environ.get(k, v) for k, v in job_env_defaults(args.np).items()},
                 "stock": {k: os.environ[k] for k in job_env_defaults(args.np) if k in os.environ}},
             "method": "Horovod pytorch_synthetic_benchmark.py: one fixed random batch, warm-up, then "
-                      "iterations of K batches; mean and 1.96 std over every rank's iterations"}
+                      "iterations of K batches; mean and 1.96 std over every rank's iterations; ratios "
+                      "also paired over interleaved runs: median and 95% bootstrap interval"}
     atomic_write_text(json.dumps({"meta": meta, "rows": rows, "failed": failed}, indent=2) + "\n",
                       out / "synthetic.json")
     print(f"\nhvdtrain bench synthetic: {args.model} {json.dumps(args.model_args)}, {args.np} ranks, batch "

@@ -9,6 +9,9 @@ would, so hvdtrain's own overhead is a ratio. `--memory-rows R` compares peak RS
 set with the same run on a tiny set, next to the bytes of the rank's data block.
 Each rank runs as `python -m hvdtrain.tools.bench_train RSS_DIR <hvdtrain argv>`: the same code path
 plus an exit hook that records its peak RSS (ru_maxrss). Writes OUT/train.json and a table.
+`--repeat R` runs every job R times, interleaved (all jobs, then all again; hvdtrain.tools.stats):
+a row shows its median run, and each ratio (efficiency, vs plain) also comes as the median over
+the R pairs of runs with a 95% bootstrap interval (`*_interval` in the JSON; use R >= 5).
 """
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ from hvdtrain import data as D
 from hvdtrain.checkpoint import atomic_write_text
 from hvdtrain.config import BY_KWARG, field_default
 from hvdtrain.tools import tables
+from hvdtrain.tools.stats import format_ratio, interleaved_order, median_index, ratio_summary
 from hvdtrain.tools.launch import check_capacity, ends_its_jobs, horovodrun_cmd, mpirun_args, run
 
 NO_COMM_K = 1_000_000_000
@@ -125,9 +129,9 @@ def launch(label: str, launcher: str, ranks: int, argv: list[str], run_dir: Path
 
 
 def row_of(label: str, ranks: int, runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """The median run by throughput: on a shared host noise goes both ways (load, turbo clocks)."""
-    ordered = sorted(runs, key=lambda r: r["summary"]["samples_per_sec"])
-    mid = ordered[(len(ordered) - 1) // 2]
+    """The median run by throughput: on a shared host noise goes both ways (load, turbo clocks).
+    `samples_per_sec_runs` keeps every run in schedule order (run i of every row: round i)."""
+    mid = runs[median_index([r["summary"]["samples_per_sec"] for r in runs])]
     s = mid["summary"]
     return {"strategy": label, "ranks": ranks, "samples_per_sec": s["samples_per_sec"],
             "samples_per_sec_runs": [r["summary"]["samples_per_sec"] for r in runs],
@@ -140,12 +144,25 @@ def row_of(label: str, ranks: int, runs: list[dict[str, Any]]) -> dict[str, Any]
 
 
 def add_ratios(rows: list[dict[str, Any]]) -> None:
-    """efficiency = samples/s(N) / (N x samples/s(1)) of the same strategy; 1-rank rows vs plain."""
-    one = {r["strategy"]: r["samples_per_sec"] for r in rows if r["ranks"] == 1}
+    """efficiency = samples/s(N) / (N x samples/s(1)) of the same strategy; 1-rank rows vs plain.
+    Point values from the rows' median runs; with every run kept (`samples_per_sec_runs`), also
+    the paired ratios (run i against run i) with their 95% intervals: `efficiency_interval`
+    (b = N x the 1-rank run, the linear-scaling ideal) and `vs_plain_interval`."""
+    one = {r["strategy"]: r for r in rows if r["ranks"] == 1}
+
+    def interval(r: dict[str, Any], base: dict[str, Any] | None, n: int) -> dict[str, Any] | None:
+        a, b = r.get("samples_per_sec_runs"), base.get("samples_per_sec_runs") if base else None
+        if not a or not b or len(a) != len(b):
+            return None
+        return ratio_summary(a, [n * x for x in b])
+
     for r in rows:
         base = one.get(r["strategy"])
-        r["efficiency"] = r["samples_per_sec"] / (r["ranks"] * base) if base else None
-        r["vs_plain"] = r["samples_per_sec"] / one["plain torch"] if r["ranks"] == 1 and "plain torch" in one else None
+        plain = one.get("plain torch") if r["ranks"] == 1 else None
+        r["efficiency"] = r["samples_per_sec"] / (r["ranks"] * base["samples_per_sec"]) if base else None
+        r["efficiency_interval"] = interval(r, base, r["ranks"])
+        r["vs_plain"] = r["samples_per_sec"] / plain["samples_per_sec"] if plain else None
+        r["vs_plain_interval"] = interval(r, plain, 1)
 
 
 def block_bytes(folder: Path, rank: int, size: int) -> int:
@@ -206,7 +223,7 @@ def machine() -> dict[str, Any]:
 
 
 COLUMNS = [("strategy", "strategy", "{}"), ("ranks", "ranks", "{}"), ("samples/s", "samples_per_sec", "{:.0f}"),
-           ("efficiency", "efficiency", "{:.3f}"), ("vs plain", "vs_plain", "{:.3f}"),
+           ("efficiency [95% CI]", "eff_ci", "{}"), ("vs plain [95% CI]", "plain_ci", "{}"),
            ("KB/step", "kb_step", "{:.1f}"), ("comm %", "comm_pct", "{:.1f}"),
            ("eval loss", "eval_loss", "{:.5g}"), ("peak RSS MB", "rss_mb", "{}")]
 
@@ -214,7 +231,10 @@ COLUMNS = [("strategy", "strategy", "{}"), ("ranks", "ranks", "{}"), ("samples/s
 def format_table(rows: list[dict[str, Any]]) -> str:
     cells = []
     for r in rows:
-        v = {**r, "kb_step": r["bytes_per_step"] / 1e3, "comm_pct": None if r["comm_fraction"] is None else 100 * r["comm_fraction"],
+        v = {**r, "kb_step": r["bytes_per_step"] / 1e3,
+             "eff_ci": format_ratio(r.get("efficiency_interval"), 3) or None,
+             "plain_ci": format_ratio(r.get("vs_plain_interval"), 3) or None,
+             "comm_pct": None if r["comm_fraction"] is None else 100 * r["comm_fraction"],
              "rss_mb": "/".join(f"{b / 2**20:.0f}" if b else "?" for b in r["peak_rss_bytes"])}
         cells.append(v)
     return tables.format_table(COLUMNS, cells)
@@ -243,7 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=0.01)
     p.add_argument("--threads", type=int, default=1, help="torch threads per rank")
     p.add_argument("--sync-every", default="1,16", help="MPI fallback k values, comma-separated")
-    p.add_argument("--repeat", type=int, default=1, help="runs per row, interleaved; the median counts")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="runs per row, interleaved; the median counts, ratios get a 95%% interval (use >= 5)")
     p.add_argument("--seed", type=int, default=field_default(BY_KWARG["seed"]))
     p.add_argument("--memory-rows", type=int, default=0, help="rows for the peak-RSS check (0: skip)")
     p.add_argument("--memory-base-rows", type=int, default=20_000, help="rows of its tiny reference set")
@@ -283,12 +304,11 @@ def main(argv: list[str]) -> int:
     load_before = os.getloadavg()
     results: dict[tuple[str, int], list[dict[str, Any]]] = {}
     try:
-        for rep in range(args.repeat):
-            for label, launcher, n, flags in jobs:
-                run_dir = out / "runs" / f"{label.replace(' ', '-').replace('=', '')}-np{n}-r{rep}"
-                argv = (["plain", str(run_dir), json.dumps(plain)] if label == "plain torch" else
-                        ["train", *model, *flags, "--out", str(run_dir), "--overwrite"])
-                results.setdefault((label, n), []).append(launch(label, launcher, n, argv, run_dir, args.timeout))
+        for rep, (label, launcher, n, flags) in interleaved_order(jobs, args.repeat):
+            run_dir = out / "runs" / f"{label.replace(' ', '-').replace('=', '')}-np{n}-r{rep}"
+            argv = (["plain", str(run_dir), json.dumps(plain)] if label == "plain torch" else
+                    ["train", *model, *flags, "--out", str(run_dir), "--overwrite"])
+            results.setdefault((label, n), []).append(launch(label, launcher, n, argv, run_dir, args.timeout))
         memory = memory_rows(args, ks, out, common) if args.memory_rows else []
     except RuntimeError as exc:
         sys.stderr.write(f"hvdtrain: error: run {exc}; see {out}/runs/*/launch.log\n")

@@ -71,7 +71,8 @@ def ratio_summary(a_values: Sequence[float], b_values: Sequence[float], seed: in
     medians = np.median(ratios[picks], axis=1)
     tail = (1 - LEVEL) / 2 * 100
     lo, hi = np.percentile(medians, [tail, 100 - tail])
-    return {"median_ratio": float(np.median(ratios)), "ci95": [float(lo), float(hi)], "pairs": int(n), "a": a.tolist(), "b": b.tolist()}
+    return {"median_ratio": float(np.median(ratios)), "ci95": [float(lo), float(hi)], "pairs": int(n),
+            "a": a.tolist(), "b": b.tolist()}
 
 
 def paired(a_runs: dict[int, float], b_runs: dict[int, float]) -> tuple[list[float], list[float]]:

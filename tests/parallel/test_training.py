@@ -140,15 +140,49 @@ def test_replicas_identical_after_every_sync(hvd, backend_name):
 
 
 @requires_mpi
-def test_auto_allreduce_picks_the_ring_for_large_buffers(comm):
-    from hvdtrain.strategies.mpi_average import AUTO_RING_BYTES, FlatAverager
-    small = FlatAverager(comm, [torch.zeros(1024)], 1.0 / comm.size, 1.0, "auto")
-    large = FlatAverager(comm, [torch.zeros(AUTO_RING_BYTES // 4)], 1.0 / comm.size, 1.0, "auto")
-    assert (small.allreduce, large.allreduce) == ("native", "ring")
+def test_auto_allreduce_picks_shared_memory_on_one_host(comm):
+    from hvdtrain.strategies.mpi_average import AUTO_SHARED_BYTES, FlatAverager
+    small = FlatAverager(comm, [torch.zeros(AUTO_SHARED_BYTES // 4 - 1)], 1.0 / comm.size, 1.0, "auto")
+    large = FlatAverager(comm, [torch.zeros(AUTO_SHARED_BYTES // 4)], 1.0 / comm.size, 1.0, "auto")
+    assert (small.allreduce, large.allreduce) == ("native", "shared")  # every rank of these jobs is on one host
 
 
 @requires_mpi
-@pytest.mark.parametrize("allreduce", ["native", "ring"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("alpha", [1.0, 0.5])
+def test_shared_memory_average_equals_native(comm, dtype, alpha):
+    """Shared rows vs scale-then-MPI_Allreduce over three syncs with drift in between, unequal
+    weights: with 2 ranks the same bits (fl(w0 x0) + fl(w1 x1) either way), otherwise to rounding;
+    every rank holds the same parameters after each sync (alpha = 1)."""
+    from hvdtrain.strategies.mpi_average import FlatAverager
+    size, rank = comm.size, comm.rank
+    weights = [(r + 1) / sum(range(1, size + 1)) for r in range(size)]
+    gen = torch.Generator().manual_seed(rank)
+    values = [torch.randn(70001, generator=gen, dtype=dtype), torch.randn(3, 4, generator=gen, dtype=dtype)]
+    shared, native = [v.clone() for v in values], [v.clone() for v in values]
+    a = FlatAverager(comm, shared, weights[rank], alpha, "shared")
+    b = FlatAverager(comm, native, weights[rank], alpha, "native")
+    assert a.allreduce == "shared"
+    for _ in range(3):
+        a.sync()
+        b.sync()
+        for x, y in zip(shared, native):
+            if size == 2:
+                assert torch.equal(x, y)
+            else:
+                torch.testing.assert_close(x, y)
+        if alpha == 1.0:
+            flat = torch.cat([x.reshape(-1) for x in shared]).numpy().tobytes()
+            assert all(f == flat for f in comm.allgather(flat))
+        with torch.no_grad():
+            for x, y in zip(shared, native):
+                drift = torch.randn(x.shape, generator=gen, dtype=dtype)
+                x.add_(drift)
+                y.add_(drift)
+
+
+@requires_mpi
+@pytest.mark.parametrize("allreduce", ["native", "ring", "shared"])
 @pytest.mark.parametrize("alpha", [1.0, 0.5])
 def test_weighted_average_with_uneven_blocks(comm, alpha, allreduce):
     from hvdtrain.strategies.mpi_average import FlatAverager

@@ -57,7 +57,15 @@ def start(cmd: Sequence[str], *, env: dict[str, str] | None = None, cwd: str | P
           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text: bool = True) -> subprocess.Popen:
     """Popen in a new session (so kill_session(proc.pid) reaches every process the job starts)."""
     return subprocess.Popen(list(cmd), env=env, cwd=cwd, stdout=stdout, stderr=stderr, text=text,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=_foreground_signals)
+
+
+def _foreground_signals() -> None:
+    """The job starts with SIGINT and SIGQUIT at their defaults, as a foreground job does, even when
+    the test run itself was started in the background (where the shell leaves them ignored, and a
+    command that keeps an ignored SIGINT ignored, like nohup's children, would never see one)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGQUIT, signal.SIG_DFL)
 
 
 def finish(proc: subprocess.Popen, timeout: float) -> tuple[int, str, str]:
