@@ -161,3 +161,18 @@ def test_cli_dispatches_synthetic(tmp_path: Path) -> None:
     result = run([sys.executable, "-m", "hvdtrain", "bench", "synthetic", "--num-iters", "0", "--out",
                   str(tmp_path)], timeout=120)
     assert result.returncode == 2 and result.stdout.startswith("hvdtrain: error: --num-iters"), result.stdout
+
+
+def test_ratio_against_the_hand_written_loop_in_hvdtrains_environment() -> None:
+    """`--strategies horovod,horovod-hand-env`: the like-for-like ratio (same rank environment) is
+    its own column, paired run by run; without the stock-environment loop the other stays empty."""
+    env = B.Job(B.HAND_HOROVOD_ENV, "horovod-hand", "horovodrun", 2, "hvdtrain", [])
+    mine = B.Job("horovod", "strategy", "horovodrun", 2, "hvdtrain", [])
+    rec = lambda a: [{"img_per_sec": [a], "threads": 1}, {"img_per_sec": [a], "threads": 1}]  # noqa: E731
+    rows = [B.row_of(mine, [rec(9), rec(18), rec(33)]), B.row_of(env, [rec(10), rec(20), rec(30)])]
+    B.add_ratios(rows)
+    s = rows[0]["vs_handwritten_horovod_env_interval"]
+    assert s["a"] == [9, 18, 33] and s["b"] == [10, 20, 30] and s["median_ratio"] == pytest.approx(0.9)
+    assert rows[0]["vs_handwritten_horovod_env"] == pytest.approx(60 / 60)
+    assert rows[0]["vs_handwritten_horovod"] is None and rows[1]["vs_handwritten_horovod_env"] == 1
+    assert "0.900 [" in B.format_table(rows)

@@ -199,6 +199,7 @@ def test_shaping_limits_the_rate(cluster):
     assert " htb" not in cluster_script("status", state=cluster.state).stdout
 
 
+@pytest.mark.parametrize("cluster", [3], indirect=True, ids=["3hosts"])  # uneven ring steps; 2 hosts: the tests above
 def test_training_across_hosts_matches_one_host(cluster, tmp_path):
     hostfile, hosts, np = cluster.env["HOSTFILE"], cluster.env["HOSTS"], str(cluster.n)
     train = train_args(cluster.n)
@@ -241,12 +242,11 @@ def torch_load(path: Path) -> dict:
     return {k: v.double() for k, v in state.items()}
 
 
+@pytest.mark.parametrize("cluster", [2], indirect=True, ids=["2hosts"])  # 2 hosts x 2 ranks
 def test_hierarchy_across_hosts_keeps_the_weights(cluster, tmp_path):
     """2 hosts x 2 ranks, unequal blocks: hierarchy K,K (host average, leaders, broadcast) gives
     exactly the global weighted average every K; with K_LOCAL < K_GLOBAL the host groups average
     among themselves in between, which neither plain k matches."""
-    if cluster.n != 2:
-        pytest.skip("2 hosts x 2 ranks; the 3-host cluster runs the other tests")
     hosts = ",".join(f"{h.rsplit(':', 1)[0]}:2" for h in cluster.env["HOSTS"].split(","))
     train = [*train_args(4)[:4], "2002", *train_args(4)[5:]]  # 2002 rows on 4 ranks: unequal weights
     assert train[train.index("--rows") + 1] == "2002"

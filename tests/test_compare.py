@@ -96,3 +96,32 @@ def test_report_and_plots(report: tuple[Path, str]) -> None:
         assert path.is_file(), f"report.md links {name}, which is missing"
         assert path.read_bytes()[:8] == PNG_MAGIC, f"{name} is not a PNG file"
         assert path.stat().st_size > 1000
+
+
+@pytest.mark.parametrize("missing", ["package", "horovodrun"])
+def test_without_horovod_compare_says_how_to_get_it_before_writing(missing, tmp_path, monkeypatch, capsys):
+    """The core installs without Horovod (`pip install .`); compare, which runs Horovod too, then
+    says so in one line with the pip and make routes, exit 2, before any data is written."""
+    import importlib.util
+    import shutil
+    import subprocess
+
+    from hvdtrain.cli import main
+
+    real_find_spec, real_which = importlib.util.find_spec, shutil.which
+    if missing == "package":
+        monkeypatch.setattr(importlib.util, "find_spec",
+                            lambda name, *a: None if name == "horovod" else real_find_spec(name, *a))
+    else:
+        monkeypatch.setattr(shutil, "which", lambda cmd, *a, **k: None if cmd == "horovodrun" else real_which(cmd, *a, **k))
+
+    def no_launch(*args, **kwargs):
+        raise AssertionError(f"launched {args[0] if args else kwargs}")
+
+    monkeypatch.setattr(subprocess, "Popen", no_launch)
+    out = tmp_path / "out"
+    assert main(["compare", "--np", "2", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "--horovod-wheel" in err and "make install" in err, err
+    assert ("Horovod is not installed" if missing == "package" else "horovodrun is not beside") in err, err
+    assert not out.exists()

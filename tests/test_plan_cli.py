@@ -156,6 +156,7 @@ def test_measure_times_the_model_here():
 
 @pytest.mark.parametrize("argv,needle", [
     (["--calibrate", "--calibrate-np", "1"], "--calibrate-np 1"),
+    (["--calibrate", "--calibrate-np", "100000"], "use --calibrate-np <="),
     (["--calibrate", "--hosts", "only-one"], "names one host"),
     (["--calibrate", "--hosts", "a:b"], "HOST:SLOTS"),
     (["--validate", "--repeats", "0"], "--repeats 0"),

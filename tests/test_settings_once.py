@@ -325,3 +325,30 @@ def test_every_exit_code_is_defined_once() -> None:
     from hvdtrain import cli
     assert cli.EXIT_USAGE is errors.EXIT_USAGE and cli.EXIT_NUMERICAL is errors.EXIT_NUMERICAL
 
+
+
+def test_the_mpi_fallbacks_sync_settings_have_one_default() -> None:
+    """FlatAverager takes alpha and allreduce without defaults: SyncConfig holds the only ones
+    (a default here would be a second definition that training never reads)."""
+    import inspect
+
+    from hvdtrain.strategies.mpi_average import FlatAverager
+
+    params = inspect.signature(FlatAverager.__init__).parameters
+    for name in ("alpha", "allreduce"):
+        assert params[name].default is inspect.Parameter.empty, f"FlatAverager({name}=...) redefines SyncConfig's default"
+    assert field_default(BY_KWARG["mpi_allreduce"]) == SyncConfig().mpi_allreduce
+
+
+def test_lr_scaling_is_written_once() -> None:
+    """One `scale_lr` (SyncStrategy.scale_lr); the strategies call it, none re-implements it, and
+    nothing else in the package multiplies a learning rate by the world size."""
+    pkg = ROOT / "hvdtrain"
+    defs = [p.relative_to(ROOT).as_posix() for p in pkg.rglob("*.py") if re.search(r"^\s*def scale_lr\b", p.read_text(), re.M)]
+    assert defs == ["hvdtrain/strategies/base.py"], defs
+    by_size = re.compile(r"lr\w*\s*\*=?\s*[\w.]*(size|world)|(size|world)\w*\s*\*\s*[\w.]*lr")
+    assert by_size.search('group["lr"] = lr * self.comm.size')  # the one in base.py, as the check sees it
+    offenders = [f"{p.relative_to(ROOT)}:{i}" for p in pkg.rglob("*.py") if "tools" not in p.parts
+                 for i, line in enumerate(p.read_text().splitlines(), 1)
+                 if by_size.search(line) and p.name != "base.py"]
+    assert not offenders, offenders

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 from hvdtrain.errors import ConfigError
 from hvdtrain.plugins import call_plugin, is_spec, load_attr
-from hvdtrain.strategies.catalog import STRATEGIES, Entry, Variant, variants
+from hvdtrain.strategies.catalog import HOROVOD_INSTALL, STRATEGIES, Entry, Variant, variants
 
 if TYPE_CHECKING:
     from hvdtrain.config import TrainConfig
@@ -35,7 +35,8 @@ def strategy_class(name: str) -> type["SyncStrategy"]:
     except ConfigError as exc:
         other = "mpi" if name == "horovod" else "horovod"
         raise ConfigError(f"backend {name!r} cannot start: its library cannot be imported ({exc}); run "
-                          f"`make install` (mpi_jobs/install.sh), or use --backend {other}") from None
+                          f"{HOROVOD_INSTALL if name == 'horovod' else '`make install` (mpi_jobs/install.sh)'}, or use "
+                          f"--backend {other}") from None
 
 
 def make_strategy(cfg: "TrainConfig") -> "SyncStrategy":

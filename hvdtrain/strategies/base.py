@@ -36,7 +36,7 @@ def float_buffers(model: torch.nn.Module) -> list[torch.Tensor]:
 class SyncStrategy(ABC):
     name: str = "base"
     comm_kind: str = "single"
-    """Which Comm (`horovod`, `mpi`, `single`) the strategy runs on."""
+    """Which Comm (`horovod`, `mpi`, `ddp`, `single`) the strategy runs on."""
     lockstep: bool = True
     """True when every rank takes the same steps (False: time-based, ranks meet only at syncs)."""
     replicas_identical: bool = True

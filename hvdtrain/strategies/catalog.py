@@ -29,6 +29,11 @@ STRATEGIES: dict[str, Entry] = {
 }
 
 
+HOROVOD_INSTALL = ('pip install "$(bash mpi_jobs/install.sh --horovod-wheel)" (the patched Horovod wheel, '
+                   'built once and cached) or `make install`')
+"""How to get Horovod, said wherever it is missing (README: *As a package, in your own environment*)."""
+
+
 class Variant(NamedTuple):
     """One strategy setting as compare and the benchmarks run it."""
     label: str

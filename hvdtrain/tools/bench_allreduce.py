@@ -50,6 +50,7 @@ from hvdtrain.tools.allreduce_impls import (DEFAULT_IMPLS, HVDTRAIN_CONFIGURED, 
                                               horovod_env_defaults, open_impl)
 from hvdtrain.tools.launch import (TIMEOUT_EXIT, check_capacity, ends_its_jobs, horovodrun_cmd, host_args,
                                    launcher_env, parse_hosts, run)
+from hvdtrain.tools.machine import cpu_model, mpirun_version
 from hvdtrain.versions import package
 
 ROWS_FILE, JSON_FILE, PNG_FILE = "allreduce.rows.jsonl", "allreduce.json", "allreduce.png"
@@ -175,15 +176,6 @@ def job_env(impl: str, np: int | None = None, hosts: str | None = None) -> dict[
     return env
 
 
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-    except OSError:
-        names = []
-    return names[0] if names else platform.processor()
-
-
 def link_shaping() -> dict[str, Any] | None:
     """On the local cluster (HVDTRAIN_CLUSTER_DIR set by mpi_jobs/cluster_local.sh): each host's
     queueing on its link `hvd0` as `tc qdisc/class show` print it, and the htb rate if shaped."""
@@ -211,11 +203,7 @@ def link_shaping() -> dict[str, Any] | None:
 
 def collect_meta(args: argparse.Namespace, failed: dict[str, str]) -> dict[str, Any]:
     cpu = cpu_model()
-    try:
-        mpi = subprocess.run(["mpirun", "--version"], capture_output=True, text=True, check=False,
-                             timeout=30).stdout.splitlines()[0]
-    except (OSError, IndexError, subprocess.TimeoutExpired):
-        mpi = "mpirun not found"
+    mpi = mpirun_version() or "mpirun not found"
     return {"host": socket.gethostname(), "cores": os.cpu_count(), "cpu": cpu,
             "python": platform.python_version(), "torch": package("torch"),
             "numpy": package("numpy"), "horovod": package("horovod"), "mpi4py": package("mpi4py"),

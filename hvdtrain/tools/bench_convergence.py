@@ -519,7 +519,7 @@ def run_group(args: Any, name: str, lr: float, runs: list[tuple[str, Variant]], 
 @ends_its_jobs("hvdtrain bench convergence")
 def main(argv: list[str]) -> int:
     from hvdtrain.tools.bench_allreduce import link_shaping
-    from hvdtrain.tools.bench_train import machine
+    from hvdtrain.tools.machine import machine
     args = build_parser().parse_args(argv)
     out = Path(args.out).resolve()  # ranks (on other hosts too) get absolute paths
     try:  # everything is checked before anything is launched or written

@@ -61,7 +61,7 @@ def fit_loop(model: Any, train: Any, evald: Any, epochs: int, batch: int, lr: fl
 
 @ends_its_jobs("hvdtrain bench fit")
 def main(argv: list[str]) -> int:
-    from hvdtrain.tools.bench_train import machine
+    from hvdtrain.tools.machine import machine
     from hvdtrain.cli import Parser
     p = Parser(prog="hvdtrain bench fit", description=__doc__)
     p.add_argument("--out", default="runs/bench-fit", help="folder for fit.json")

@@ -54,6 +54,7 @@ PEERS = {"horovod-hand": ("horovod (hand-written)", "horovod-hand", "horovodrun"
          "ddp-hand": ("ddp (hand-written)", "ddp-hand", "mpirun", "stock"),
          "plain": ("plain torch", "plain", "python", "stock")}
 HAND_HOROVOD = PEERS["horovod-hand"][0]
+HAND_HOROVOD_ENV = PEERS["horovod-hand-env"][0]
 PLAIN = PEERS["plain"][0]
 
 
@@ -289,9 +290,12 @@ def row_of(job: Job, records: list[list[dict[str, Any]]]) -> dict[str, Any]:
 
 def add_ratios(rows: list[dict[str, Any]]) -> None:
     """vs_handwritten_horovod: total over the hand-written Horovod total (same rank count);
-    vs_plain: img/s per rank over the plain 1-rank loop's (the scaling efficiency). Each also as
-    `*_interval`: the paired ratio over the runs (run i against run i), with its 95% interval."""
+    vs_handwritten_horovod_env: the same against the hand-written loop run in hvdtrain's rank
+    environment (the like-for-like comparison of the loops themselves); vs_plain: img/s per rank
+    over the plain 1-rank loop's (the scaling efficiency). Each also as `*_interval`: the paired
+    ratio over the runs (run i against run i), with its 95% interval."""
     hand = next((r for r in rows if r["strategy"] == HAND_HOROVOD), None)
+    hand_env = next((r for r in rows if r["strategy"] == HAND_HOROVOD_ENV), None)
     plain = next((r for r in rows if r["strategy"] == PLAIN), None)
 
     def interval(r: dict[str, Any], base: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -302,18 +306,23 @@ def add_ratios(rows: list[dict[str, Any]]) -> None:
         same = hand if hand and hand["ranks"] == r["ranks"] else None  # equal ranks: per rank = total ratio
         r["vs_handwritten_horovod"] = r["img_per_sec_total"] / same["img_per_sec_total"] if same else None
         r["vs_handwritten_horovod_interval"] = interval(r, same)
+        same_env = hand_env if hand_env and hand_env["ranks"] == r["ranks"] else None
+        r["vs_handwritten_horovod_env"] = r["img_per_sec_total"] / same_env["img_per_sec_total"] if same_env else None
+        r["vs_handwritten_horovod_env_interval"] = interval(r, same_env)
         r["vs_plain"] = (r["img_per_sec_per_rank_mean"] / plain["img_per_sec_per_rank_mean"] if plain else None)
         r["vs_plain_interval"] = interval(r, plain)
 
 
 COLUMNS = [("strategy", "strategy", "{}"), ("ranks", "ranks", "{}"), ("img/s per rank", "per_rank", "{}"),
            ("img/s total", "img_per_sec_total", "{:.1f}"), ("vs hand-written hvd [95% CI]", "hand_ci", "{}"),
+           ("vs hand-written hvd, hvdtrain env [95% CI]", "hand_env_ci", "{}"),
            ("vs plain [95% CI]", "plain_ci", "{}")]
 
 
 def format_table(rows: list[dict[str, Any]], markdown: bool = False) -> str:
     cells = [{**r, "per_rank": f"{r['img_per_sec_per_rank_mean']:.1f} +- {r['img_per_sec_per_rank_ci95']:.1f}",
               "hand_ci": format_ratio(r.get("vs_handwritten_horovod_interval"), 3) or None,
+              "hand_env_ci": format_ratio(r.get("vs_handwritten_horovod_env_interval"), 3) or None,
               "plain_ci": format_ratio(r.get("vs_plain_interval"), 3) or None} for r in rows]
     return tables.format_table(COLUMNS, cells, markdown=markdown)
 
@@ -403,7 +412,7 @@ def check(args: argparse.Namespace) -> tuple[dict[str, Any], list[Job]]:
 @ends_its_jobs("hvdtrain bench synthetic")
 def main(argv: list[str]) -> int:
     from hvdtrain.comm.env import job_env_defaults
-    from hvdtrain.tools.bench_train import machine
+    from hvdtrain.tools.machine import machine
     args = build_parser().parse_args(argv)
     try:
         s, selection = check(args)

@@ -19,12 +19,9 @@ import argparse
 import atexit
 import json
 import os
-import platform
 import shutil
-import subprocess
 import sys
 import time
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +30,7 @@ from hvdtrain.checkpoint import atomic_write_text
 from hvdtrain.config import BY_KWARG, field_default
 from hvdtrain.tools import tables
 from hvdtrain.tools.stats import format_ratio, interleaved_order, median_index, ratio_summary
+from hvdtrain.tools.machine import machine
 from hvdtrain.tools.launch import check_capacity, ends_its_jobs, horovodrun_cmd, mpirun_args, run
 
 NO_COMM_K = 1_000_000_000
@@ -201,25 +199,6 @@ def memory_rows(args: argparse.Namespace, ks: list[int], out: Path, common: list
                          "excess_bytes": excess, "block_bytes": block, "model_bytes": model_bytes,
                          "excess_over_block_model": None if excess is None else excess / (block + model_bytes)})
     return rows
-
-
-def machine() -> dict[str, Any]:
-    """Where the numbers come from: they only compare within one run on one machine."""
-    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
-    cpu = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")), "")
-    versions: dict[str, str | None] = {}
-    for pkg in ("torch", "numpy", "horovod", "mpi4py"):
-        try:
-            versions[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            versions[pkg] = None
-    try:
-        versions["mpirun"] = subprocess.run(["mpirun", "--version"], capture_output=True, text=True,
-                                            timeout=30).stdout.strip().splitlines()[0]
-    except (OSError, subprocess.SubprocessError, IndexError):
-        versions["mpirun"] = None
-    return {"host": platform.node(), "cpu": cpu or platform.processor(), "cores": os.cpu_count(),
-            "python": platform.python_version(), "platform": platform.platform(), "versions": versions}
 
 
 COLUMNS = [("strategy", "strategy", "{}"), ("ranks", "ranks", "{}"), ("samples/s", "samples_per_sec", "{:.0f}"),

@@ -22,7 +22,7 @@ from hvdtrain.config import BY_KWARG, MPI_ALLREDUCES, field_default
 from hvdtrain.errors import EXIT_WRITE, ConfigError, WriteError
 from hvdtrain.plugins import is_spec
 from hvdtrain.checkpoint import atomic_write_text
-from hvdtrain.tools.launch import (check_capacity, ends_its_jobs, horovodrun_cmd, launcher_env, mpirun_cmd,
+from hvdtrain.tools.launch import (check_capacity, check_horovod, ends_its_jobs, horovodrun_cmd, launcher_env, mpirun_cmd,
                                    parse_hosts, run)
 from hvdtrain.strategies import Variant as Strategy, variants
 
@@ -125,6 +125,8 @@ def _main(argv: list[str]) -> int:
     try:
         hosts = None if args.hosts is None else parse_hosts(args.hosts, args.np)
         check_capacity(args.np, hosts, args.oversubscribe)
+        if any(s.launcher == "horovodrun" for s in strategies(ks, args.alpha, args.mpi_allreduce)):
+            check_horovod()
     except ValueError as exc:
         sys.stderr.write(f"hvdtrain: error: {exc}\n")
         return 2

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from hvdtrain.comm.env import EVERY_JOB, MCA_PREFIX, MPIRUN, job_env_defaults
+from hvdtrain.strategies.catalog import HOROVOD_INSTALL
 
 TIMEOUT_EXIT = 124
 MAX_RANKS_PER_CORE = 8
@@ -113,6 +114,17 @@ def horovodrun_cmd(np: int, argv: Sequence[str], gloo: bool = False, python_modu
     mpi_args = "--bind-to none" if hosts else "--oversubscribe --bind-to none"
     cmd += ["--gloo"] if gloo else ["--mpi", f"--mpi-args={mpi_args}"]
     return cmd + ([sys.executable, "-m", *argv] if python_module else list(argv))
+
+
+def check_horovod() -> None:
+    """ValueError naming what is missing and the fix, before a command launches anything under
+    horovodrun: the horovod package, or its horovodrun beside this Python (or on PATH)."""
+    import importlib.util
+    if importlib.util.find_spec("horovod") is None:
+        raise ValueError(f"Horovod is not installed in {sys.prefix}; {HOROVOD_INSTALL}, "
+                         f"or run only the MPI fallback and DDP (e.g. hvdtrain train --backend mpi)")
+    if not (shutil.which("horovodrun", path=str(Path(sys.executable).parent)) or shutil.which("horovodrun")):
+        raise ValueError(f"horovodrun is not beside {sys.executable} nor on PATH; {HOROVOD_INSTALL}")
 
 
 def host_cores() -> int:

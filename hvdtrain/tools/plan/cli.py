@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from hvdtrain.errors import EXIT_USAGE, EXIT_WRITE, ConfigError, WriteError
-from hvdtrain.tools.launch import ends_its_jobs
+from hvdtrain.tools.launch import MAX_RANKS_PER_CORE, ends_its_jobs, host_cores
 from hvdtrain.tools.plan import model as M
 from hvdtrain.tools.plan import report
 from hvdtrain.tools.plan.validate import SECONDS_PER_RUN
@@ -200,6 +200,9 @@ def _calibrate(args: argparse.Namespace) -> int:
     check(args.calibrate_np >= 2, f"--calibrate-np {args.calibrate_np} must be >= 2 (an allreduce needs two ranks)")
     check(args.calibrate_max_bytes >= 4, f"--calibrate-max-bytes {args.calibrate_max_bytes} must be >= 4")
     check(args.timeout > 0, f"--timeout {args.timeout} must be > 0")
+    most = MAX_RANKS_PER_CORE * host_cores()  # refused before launching, as every launching command does
+    check(args.calibrate_np <= most, f"--calibrate-np {args.calibrate_np} is more than {MAX_RANKS_PER_CORE} ranks per "
+                                     f"core of this host's {host_cores()}; use --calibrate-np <= {most}")
     if args.hosts:
         P.one_per_host(args.hosts)  # a bad --hosts is one line before anything runs
     o = options_from(args)

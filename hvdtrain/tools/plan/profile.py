@@ -13,7 +13,7 @@ with one HOROVOD_CYCLE_TIME wait that the overlap model adds itself, so that is 
 first (not below raw MPI's a). memcpy's rows give the memory bandwidth of the model's passes
 (median busbw from 1 MiB up). With `--model`, one rank's compute is measured too (inputs).
 
-File (JSON): {"hvdtrain_plan_profile": 1, "date", "machine": {host, cpu, cores}, "hosts",
+File (JSON): {"hvdtrain_plan_profile": 1, "date", "machine": (hvdtrain.tools.machine.machine()), "hosts",
 "shaping", "links": {"intra"|"inter": {IMPL: {alpha_us, gbit, np, points, a_us, b_s_per_byte,
 max_rel_error}}}, "memcpy_gbps", "compute": {...} or null, "sources": {...}}.
 
@@ -31,15 +31,13 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
-import platform
-import socket
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 from hvdtrain.errors import ConfigError
+from hvdtrain.tools.machine import machine
 from hvdtrain.tools.plan.model import HOROVOD_CYCLE_SECONDS, Link
 
 VERSION = 1
@@ -116,17 +114,6 @@ def fit_bench(rows: Sequence[dict[str, Any]]) -> tuple[dict[str, dict[str, Any]]
 
 
 # ---- the file ---------------------------------------------------------------------------------
-
-def machine() -> dict[str, Any]:
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-        cpu = names[0] if names else cpu
-    except OSError:
-        pass
-    return {"host": socket.gethostname(), "cpu": cpu, "cores": os.cpu_count()}
-
 
 def new_profile() -> dict[str, Any]:
     return {KEY: VERSION, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
