@@ -58,3 +58,32 @@ def no_cluster(shared_cluster):
     the shared one, if up, is taken down first (and checked); the next test that asks for hosts
     brings it up again."""
     shared_cluster.down()
+
+
+SINGLETON_VARS = (b"PMIX_RANK", b"PMIX_NAMESPACE", b"PMIX_SERVER_URI3", b"OMPI_MCA_ess_base_jobid")
+
+
+def _c_getenv(name: bytes) -> bytes | None:
+    import ctypes
+    libc = ctypes.CDLL(None)
+    libc.getenv.restype = ctypes.c_char_p
+    return libc.getenv(name)
+
+
+@pytest.fixture(autouse=True)
+def _mpi_never_starts_in_the_test_process():
+    """A test that starts MPI in pytest's own process (importing mpi4py.MPI, directly or through a
+    module such as strategies.mpi_average) makes Open MPI's singleton set PMIX_* variables in the
+    process's C environment (not in os.environ); every later subprocess that inherits it, such as
+    `hvdtrain train`, then sees PMIX_RANK=0 and refuses to start. Fail that test by name, and
+    unset the variables so the rest of the run is not hit."""
+    import ctypes
+    before = {n for n in SINGLETON_VARS if _c_getenv(n) is not None}
+    yield
+    leaked = [n for n in SINGLETON_VARS if n not in before and _c_getenv(n) is not None]
+    for n in leaked:
+        ctypes.CDLL(None).unsetenv(n)
+        os.environ.pop(n.decode(), None)
+    if leaked:
+        pytest.fail(f"this test started MPI in pytest's process (it left {b', '.join(leaked).decode()} in the "
+                    f"environment); start MPI in a subprocess")

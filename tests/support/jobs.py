@@ -61,11 +61,12 @@ def start(cmd: Sequence[str], *, env: dict[str, str] | None = None, cwd: str | P
 
 
 def _foreground_signals() -> None:
-    """The job starts with SIGINT and SIGQUIT at their defaults, as a foreground job does, even when
-    the test run itself was started in the background (where the shell leaves them ignored, and a
-    command that keeps an ignored SIGINT ignored, like nohup's children, would never see one)."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-    signal.signal(signal.SIGQUIT, signal.SIG_DFL)
+    """The job starts with SIGINT, SIGQUIT and SIGHUP at their defaults, as a job started from a
+    terminal does, even when the test run itself was started in the background or under nohup
+    (where they are inherited ignored, and a command that keeps an ignored signal ignored, as
+    hvdtrain's launcher-side commands do, would never see one)."""
+    for sig in (signal.SIGINT, signal.SIGQUIT, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_DFL)
 
 
 def finish(proc: subprocess.Popen, timeout: float) -> tuple[int, str, str]:
