@@ -202,6 +202,48 @@ def test_validate_runs_the_grid_interleaved_and_reports_errors(tmp_path, capsys,
     assert "median |error|" in out and "2 hosts unshaped mlp-tiny horovod" in out
 
 
+def test_validate_calibrates_each_shaped_link_and_shares_the_host_for_one_host_compute(tmp_path, capsys, monkeypatch):
+    """The full grid with its jobs replaced: every shaped link is calibrated under its shaping (the
+    bench's rows are a ring at half the nominal rate here) and its rows are predicted from that fit;
+    the one-host rows' compute comes from 2 one-rank runs at once, the two-host rows' from 1."""
+    from hvdtrain.tools.plan import model as M
+    from hvdtrain.tools.plan import validate as V
+    prof = P.new_profile()
+    prof["links"]["intra"]["mpi4py"] = {"alpha_us": 2.0, "gbit": 40.0}
+    prof["links"]["inter"]["mpi4py"] = {"alpha_us": 60.0, "gbit": 2.0}
+    benches, copies, shaping = [], [], {"now": None}
+    monkeypatch.setattr(P, "calibrate", lambda *a, **k: prof)
+    monkeypatch.setattr(V, "shape_link", lambda gbit, label: shaping.update(now=gbit))
+
+    def fake_compute(name, hidden, out, timeout, repeats, tiny=False, copies_=1, **k):
+        copies.append((name, k.get("copies", copies_)))
+        return M.Compute(0.001, 0.002, 0.0005, 64), {"n": name}
+    monkeypatch.setattr(V, "model_compute", fake_compute)
+
+    def fake_bench(out, np, hosts, max_bytes, iters, timeout, impls):
+        gbit = shaping["now"]
+        benches.append((gbit, hosts, max_bytes, tuple(impls)))
+        link = M.Link(100e-6, 8.0 / (0.5 * gbit * 1e9))      # half the nominal rate
+        return [{"impl": i, "np": np, "bytes": n, "p50_us": 1e6 * M.ring_seconds(n, np, link), "busbw_gbps": 1.0}
+                for i in impls for n in (4, 1 << 10, 1 << 16, 1 << 20, max_bytes)], {}
+    monkeypatch.setattr(P, "run_bench", fake_bench)
+    monkeypatch.setattr(V, "run_train", lambda argv, *a: {"samples_per_sec": 1000.0})
+    assert main(["--validate", "--repeats", "1", "--hosts", "h1,h2", "--out", str(tmp_path)]) == 0
+    assert [b[0] for b in benches] == [1.0, 0.2, 0.05] and {b[1] for b in benches} == {"h1:1,h2:1"}
+    assert [b[2] for b in benches] == [16 << 20, 16 << 20, 4 << 20] and all("hvdtrain-mpi" in b[3] for b in benches)
+    assert sorted(set(copies)) == [("mlp-1M", 1), ("mlp-1M", 2), ("mlp-20M", 1), ("mlp-20M", 2)]
+    rows = {r["label"]: r for r in json.loads((tmp_path / "validate.json").read_text())["results"]}
+    assert len(rows) == 30
+    for rate, gbit in (("1gbit", 1.0), ("200mbit", 0.2), ("50mbit", 0.05)):
+        fits = json.loads((tmp_path / f"profile-{rate}.json").read_text())["links"]["inter"]
+        assert abs(fits["hvdtrain-mpi"]["gbit"] / (0.5 * gbit) - 1) < 1e-6, fits
+        row = rows[f"2 hosts {rate} mlp-20M mpi k=1"]
+        assert row["profile"] == rate
+        # 80 MB each way at half the rate, plus the step's compute: the sync is the step here
+        sync = 4 * (10 * 3162 + 3 * 3162 + 2 * 3162 * 3162 + 3162 + 1) * 8 / (0.5 * gbit * 1e9)
+        assert 1.0 < 64 * 2 / row["predicted"] / sync < 1.01, (rate, 128 / row["predicted"], sync)
+
+
 def test_unwritable_output_and_bad_profile_are_one_line(tmp_path, capsys):
     assert main(["--params", "1e6", "--samples-per-second", "100", "--json", "/proc/hvdtrain-plan/x.json"]) == 74
     err = capsys.readouterr().err.strip().splitlines()

@@ -225,6 +225,45 @@ def test_horovod_fit_loses_one_cycle_time():
     assert math.isclose(fit["alpha_us"], 4.0, rel_tol=1e-4) and fit["cycle_subtracted_us"] == 1000
 
 
+def test_a_fit_read_at_a_size_meets_the_measured_curve_there():
+    # a curve no line fits: 1 ms latency, 1 GB/s up to 1 MiB, 4x slower per byte beyond (cache)
+    def t(n):
+        return 1e-3 + min(n, 1 << 20) * 1e-9 + max(n - (1 << 20), 0) * 4e-9
+    sizes = (4, 1024, 1 << 16, 1 << 20, 1 << 22, 1 << 24)
+    rows = [{"impl": "mpi4py", "np": 2, "bytes": n, "p50_us": 1e6 * t(n), "busbw_gbps": 1.0} for n in sizes]
+    fit = P.fit_impl(rows, "mpi4py")
+    assert [pt[0] for pt in fit["curve"]] == list(sizes)
+    for n in (1 << 22, 1 << 24, 3 << 20):  # measured sizes, and one between two (linear there)
+        link = P.fit_at(fit, n)
+        assert close(M.ring_seconds(n, 2, link), t(n), rel=1e-9), n
+        assert close(link.alpha, fit["alpha_us"] * 1e-6)
+    beyond = 1 << 26                        # beyond the largest size: the last segment's slope
+    expected = t(1 << 24) + (beyond - (1 << 24)) * 4e-9
+    assert close(M.ring_seconds(beyond, 2, P.fit_at(fit, beyond)), expected, rel=1e-9)
+    line = P.fit_at(fit, None)              # no size: the fitted line, which misses the big sizes
+    assert abs(M.ring_seconds(1 << 24, 2, line) / t(1 << 24) - 1) > 0.2
+    assert close(P.fit_at({k: v for k, v in fit.items() if k != "curve"}, 1 << 24).beta, line.beta)
+
+
+def test_profile_curves_are_checked(tmp_path):
+    path = tmp_path / "p.json"
+    prof = P.new_profile()
+    prof["links"]["inter"]["mpi4py"] = {"alpha_us": 2.0, "gbit": 1.0, "curve": [[4, 1e-5], [1024, -1]]}
+    P.write_profile(prof, path)
+    with pytest.raises(P.ConfigError, match="curve must be"):
+        P.read_profile(path)
+    prof["links"]["inter"]["mpi4py"]["curve"] = [[4, 1e-5], [1024, 2e-5]]
+    P.write_profile(prof, path)
+    assert P.read_profile(path)["links"]["inter"]["mpi4py"]["curve"][1] == [1024, 2e-5]
+
+
+def test_calibration_sizes_on_a_shaped_link_take_about_a_second():
+    assert V.link_bytes(0.05) == 4 << 20          # 6.25 MB/s: 4 MiB, not 16
+    assert V.link_bytes(0.2) == 16 << 20          # 25 MB/s
+    assert V.link_bytes(1.0) == 16 << 20          # capped
+    assert V.link_bytes(0.001) == 64 * 1024       # 125 kB/s
+
+
 def test_links_flags_profile_and_the_slower_of_both():
     prof = {"links": {"intra": {"hvdtrain-mpi": {"alpha_us": 3.0, "gbit": 40.0}},
                       "inter": {"mpi4py": {"alpha_us": 50.0, "gbit": 2.0}}}}

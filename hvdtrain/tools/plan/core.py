@@ -222,7 +222,7 @@ def evaluate(o: Options, shape: M.ModelShape, compute: M.Compute, profile: dict[
     rows, links = [], {}
     for n in o.nodes:
         for v in variants(o):
-            sl = strategy_links(v.base, n, profile, flags)
+            sl = strategy_links(v.base, n, profile, flags, shape.nbytes * (0.5 if o.fp16 else 1.0))
             intra, inter = sl.intra, sl.inter
             links[v.base] = {"intra": {"source": sl.intra_source, "alpha_us": intra.alpha * 1e6, "gbit": intra.gbit},
                              "inter": {"source": sl.inter_source, "alpha_us": inter.alpha * 1e6, "gbit": inter.gbit}}

@@ -15,7 +15,9 @@ first (not below raw MPI's a). memcpy's rows give the memory bandwidth of the mo
 
 File (JSON): {"hvdtrain_plan_profile": 1, "date", "machine": (hvdtrain.tools.machine.machine()), "hosts",
 "shaping", "links": {"intra"|"inter": {IMPL: {alpha_us, gbit, np, points, a_us, b_s_per_byte,
-max_rel_error}}}, "memcpy_gbps", "compute": {...} or null, "sources": {...}}.
+max_rel_error, curve: [[bytes, p50 seconds], ...]}}}, "memcpy_gbps", "compute": {...} or null,
+"sources": {...}}. The plan reads a fit at the model's gradient bytes (fit_at): alpha from the
+line, beta from the measured curve at that size, because the line misses large sizes by up to 2x.
 
 Which fit a strategy uses (STRATEGY_IMPLS, first present): horovod -> horovod-mpi, horovod-gloo,
 mpi4py-tuned, mpi4py; ddp -> torch-gloo, mpi4py; mpi -> hvdtrain-mpi (FlatAverager.sync as
@@ -89,8 +91,10 @@ def fit_impl(rows: Sequence[dict[str, Any]], impl: str, floor_a: float | None = 
         a = max(a - HOROVOD_CYCLE_SECONDS, floor_a if floor_a is not None else 0.0, 0.0)
     alpha = a / (2 * (p - 1))
     beta = b * p / (2 * (p - 1))
+    curve = sorted((float(r["bytes"]), r["p50_us"] * 1e-6) for r in mine if r["p50_us"] > 0)
     return {"alpha_us": alpha * 1e6, "gbit": 8.0 / (beta * 1e9) if beta > 0 else 1e6, "np": p,
             "points": len(mine), "a_us": a_fit * 1e6, "b_s_per_byte": b, "max_rel_error": worst,
+            "curve": [[n, t] for n, t in curve],
             **({"cycle_subtracted_us": HOROVOD_CYCLE_SECONDS * 1e6} if impl.startswith("horovod") else {})}
 
 
@@ -139,6 +143,11 @@ def read_profile(path: str | Path) -> dict[str, Any]:
             if not (isinstance(fit, dict) and _positive(fit.get("gbit")) and _nonneg(fit.get("alpha_us"))):
                 raise ConfigError(f"--profile {path}: links.{kind}.{impl} needs gbit > 0 and alpha_us >= 0, got "
                                   f"{fit!r}; calibrate again")
+            curve = fit.get("curve")
+            if curve is not None and not (isinstance(curve, list) and all(
+                    isinstance(pt, list) and len(pt) == 2 and _positive(pt[0]) and _positive(pt[1]) for pt in curve)):
+                raise ConfigError(f"--profile {path}: links.{kind}.{impl}.curve must be [[bytes, seconds], ...] with "
+                                  f"both > 0; calibrate again")
     if data.get("memcpy_gbps") is not None and not _positive(data["memcpy_gbps"]):
         raise ConfigError(f"--profile {path}: memcpy_gbps must be > 0, got {data['memcpy_gbps']!r}")
     return data
@@ -172,8 +181,36 @@ class LinkFlags:
         return (getattr(self, f"{kind}_gbit"), getattr(self, f"{kind}_latency_us"))
 
 
-def link_for(kind: str, strategy: str, profile: dict[str, Any] | None, flags: LinkFlags) -> tuple[Link, str]:
-    """The link `strategy` sees for `kind` ("intra" or "inter") and where it came from."""
+def curve_seconds(curve: Sequence[Sequence[float]], n: float) -> float:
+    """The measured allreduce seconds at `n` bytes: linear between the two sizes around it, the
+    last (first) segment's slope beyond the largest (below the smallest)."""
+    pts = sorted((float(a), float(t)) for a, t in curve)
+    if len(pts) == 1:
+        return pts[0][1]
+    i = next((j for j in range(1, len(pts)) if pts[j][0] >= n), len(pts) - 1)
+    (n0, t0), (n1, t1) = pts[i - 1], pts[i]
+    return max(t0 + (t1 - t0) * (n - n0) / (n1 - n0), 0.0) if n1 > n0 else t1
+
+
+def fit_at(fit: dict[str, Any], message_bytes: float | None) -> Link:
+    """A fit's link, with beta read off its measured curve at `message_bytes` when it has one: the
+    fit's intercept a plus b_local n meets the measured seconds at that size, so the model at the
+    calibrated rank count reproduces the curve there (a line over 4 B-64 MiB misses large sizes by
+    up to 2x on this kind of host). Without a size or a curve: the fitted line."""
+    alpha = fit["alpha_us"] * 1e-6
+    beta = 8.0 / (fit["gbit"] * 1e9)
+    curve, p = fit.get("curve"), int(fit.get("np") or 2)
+    if message_bytes and message_bytes > 0 and curve and len(curve) >= 2 and p >= 2:
+        b_local = (curve_seconds(curve, message_bytes) - fit.get("a_us", 0.0) * 1e-6) / message_bytes
+        if b_local > 0:
+            beta = b_local * p / (2 * (p - 1))
+    return Link(alpha, beta)
+
+
+def link_for(kind: str, strategy: str, profile: dict[str, Any] | None, flags: LinkFlags,
+             message_bytes: float | None = None) -> tuple[Link, str]:
+    """The link `strategy` sees for `kind` ("intra" or "inter") and where it came from; with
+    `message_bytes` (the model's gradient bytes) a calibrated fit is read at that size (fit_at)."""
     gbit, latency = flags.given(kind)
     d_gbit, d_latency = DEFAULT_LINKS[kind]
     fits = (profile or {}).get("links", {}).get(kind) or {}
@@ -182,8 +219,7 @@ def link_for(kind: str, strategy: str, profile: dict[str, Any] | None, flags: Li
         link = Link.from_gbit(gbit if gbit is not None else d_gbit, latency if latency is not None else d_latency,
                               flags.efficiency)
         return link, "flags" if (gbit is not None or latency is not None) else "default"
-    fit = fits[impl]
-    link = Link(fit["alpha_us"] * 1e-6, 8.0 / (fit["gbit"] * 1e9))
+    link = fit_at(fits[impl], message_bytes)
     if gbit is not None or latency is not None:
         wire = Link.from_gbit(gbit if gbit is not None else 1e9, latency if latency is not None else 0.0,
                               flags.efficiency)
@@ -205,11 +241,13 @@ class StrategyLinks:
     weighting_pass: bool   # the MPI fallback's weighting pass still to add (not in the fit)
 
 
-def strategy_links(strategy: str, nodes: int, profile: dict[str, Any] | None, flags: LinkFlags) -> StrategyLinks:
-    """Both links of `strategy` on `nodes` nodes; the weighting pass is in the fit when the link
-    that paces the allreduce (inter-node on more than one node) is hvdtrain-mpi's own fit."""
-    intra, intra_src = link_for("intra", strategy, profile, flags)
-    inter, inter_src = link_for("inter", strategy, profile, flags)
+def strategy_links(strategy: str, nodes: int, profile: dict[str, Any] | None, flags: LinkFlags,
+                   message_bytes: float | None = None) -> StrategyLinks:
+    """Both links of `strategy` on `nodes` nodes (fits read at `message_bytes`); the weighting pass
+    is in the fit when the link that paces the allreduce (inter-node on more than one node) is
+    hvdtrain-mpi's own fit."""
+    intra, intra_src = link_for("intra", strategy, profile, flags, message_bytes)
+    inter, inter_src = link_for("inter", strategy, profile, flags, message_bytes)
     pacing = inter_src if nodes > 1 else intra_src
     return StrategyLinks(intra, inter, intra_src, inter_src, not weighting_included(strategy, pacing))
 

@@ -15,11 +15,16 @@ the final average and evaluation excluded). Every configuration of one link sett
 round, rounds repeated `--repeats` times (interleaved: hvdtrain.tools.stats), the median kept.
 
 Predicted: `hvdtrain plan`'s own functions with a profile calibrated on the same hosts (unshaped;
-`--profile` to reuse one) and each model's compute measured here: the forward/backward/optimizer
-split timed in-process (inputs.measure_compute), scaled to the step time of a one-rank `hvdtrain
-train --backend single` run of the same model and batch (the loop's own costs included). A shaped
-link is the flag `--inter-gbit RATE` on top of the profile (the slower of both, profile.py). Both
-Horovod overlap policies are predicted (`bucket`, the default, and `cycle`); errors use the default.
+`--profile` to reuse one), its fits read at the model's gradient bytes (profile.fit_at), and each
+model's compute measured here: the forward/backward/optimizer split timed in-process
+(inputs.measure_compute), scaled to the step time of one-rank `hvdtrain train --backend single`
+runs of the same model and batch (the loop's own costs included), two at once for the one-host
+rows (their 2 ranks share the cores' memory bandwidth and cache), one for the two-host rows. A
+shaped link is calibrated again under its shaping (bench allreduce across the hosts, sizes up to
+about a second per allreduce: calibrate_link; OUT/profile-LINK.json), with the flag `--inter-gbit
+RATE` on top (the slower of both, profile.py): shaped links deliver well under their nominal rate
+here. Both Horovod overlap policies are predicted (`bucket`, the default, and `cycle`); errors use
+the default.
 Writes OUT/validate.json and prints predicted vs measured with the relative error of each, the
 median |error| and the worst.
 """
@@ -28,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shlex
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -48,6 +54,7 @@ TINY_MODELS = {"mlp-tiny": (64, 64)}
 LINKS: tuple[tuple[str, float | None], ...] = (("unshaped", None), ("1gbit", 1.0), ("200mbit", 0.2), ("50mbit", 0.05))
 STRATEGIES: tuple[tuple[str, int | None], ...] = (("horovod", None), ("mpi k=1", 1), ("mpi k=16", 16))
 TINY_STRATEGIES: tuple[tuple[str, int | None], ...] = (("horovod", None), ("mpi k=1", 1), ("mpi k=4", 4))
+SHAPED_IMPLS = ("mpi4py", "hvdtrain-mpi", "horovod-mpi")
 CLUSTER_SCRIPT = Path(__file__).resolve().parents[3] / "mpi_jobs" / "cluster_local.sh"
 
 
@@ -94,7 +101,7 @@ def predict(cfg: Config, compute: M.Compute, profile: dict[str, Any] | None, fus
     from hvdtrain.tools.plan.profile import DEFAULT_MEMCPY_GBPS, LinkFlags, strategy_links
     shape = M.ModelShape(mlp_sizes(cfg.hidden), 4, cfg.model)
     base = "horovod" if cfg.k is None else "mpi"
-    links = strategy_links(base, cfg.hosts, profile, LinkFlags(inter_gbit=cfg.gbit))
+    links = strategy_links(base, cfg.hosts, profile, LinkFlags(inter_gbit=cfg.gbit), shape.nbytes)
     cl = M.Cluster(cfg.hosts, 2 if cfg.hosts == 1 else 1, links.intra, links.inter)
     memcpy = (profile or {}).get("memcpy_gbps") or DEFAULT_MEMCPY_GBPS
     st = M.Settings(memcpy_bytes_per_second=memcpy * 1e9, fusion=fusion, weighting_pass=links.weighting_pass)
@@ -159,19 +166,69 @@ def shape_link(gbit: float | None, label: str) -> None:
                            f"local cluster up (`eval \"$(mpi_jobs/cluster_local.sh up 2)\"`, as root)?")
 
 
+def single_rates(hidden: Sequence[int], steps: int, copies: int, out: Path, timeout: float) -> list[float]:
+    """samples/s of `copies` one-rank `hvdtrain train --backend single` runs started together (one
+    job: launch.run ends them all), one value per copy: with 2, each shares the host's cores, memory
+    bandwidth and cache with the other, as each of 2 ranks on one host does."""
+    from hvdtrain.tools.launch import launcher_env, run
+    dirs = [out / f"c{i}" for i in range(copies)]
+    cmds = [" ".join(shlex.quote(a) for a in [sys.executable, "-m", *train_argv(None, hidden, steps, 1, d, "single")])
+            for d in dirs]
+    script = " & ".join(cmds) + " & wait"
+    result = run(["bash", "-c", script], timeout=timeout, env=launcher_env({"OMP_NUM_THREADS": "1"}))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "launch.log").write_text(result.stdout)
+    rates = []
+    for d in dirs:
+        try:
+            rates.append(json.loads((d / "summary.json").read_text())["samples_per_sec"])
+        except (OSError, ValueError, KeyError):
+            tail = " | ".join(result.stdout.strip().splitlines()[-5:])
+            raise RuntimeError(f"one-rank compute run in {d} wrote no summary (exit {result.returncode}): {tail}") from None
+    return rates
+
+
 def model_compute(name: str, hidden: Sequence[int], out: Path, timeout: float, repeats: int,
-                  tiny: bool = False) -> tuple[M.Compute, dict[str, Any]]:
-    """One rank's compute for the grid: the in-process split scaled to a one-rank run's step."""
+                  tiny: bool = False, copies: int = 1) -> tuple[M.Compute, dict[str, Any]]:
+    """One rank's compute for the grid: the in-process split scaled to the step of one-rank runs,
+    `copies` of them at once (2 for the one-host rows, whose 2 ranks share the host; 1 for the
+    two-host rows, one rank per host)."""
     from hvdtrain.tools.plan.inputs import measure_compute
     args = {"n_features": FEATURES, "n_outputs": OUTPUTS, "hidden": list(hidden)}
     split, record = measure_compute("mlp", args, VALIDATE_BATCH, threads=1, steps=5)
     steps = 16 if tiny else int(min(MAX_STEPS, max(MIN_STEPS, SECONDS_PER_RUN / 2 / split.step)))
-    rates = [run_train(train_argv(None, hidden, steps, 1, out / f"single-{name}-{r}", "single"), 1, None, "python",
-                       timeout, out / f"single-{name}-{r}")["samples_per_sec"] for r in range(repeats)]
+    rates = []
+    for r in range(repeats):
+        rates += single_rates(hidden, steps, copies, out / f"single-{name}-x{copies}-{r}", timeout)
     step = VALIDATE_BATCH / median(rates)
     f = step / split.step
     compute = M.Compute(split.forward * f, split.backward * f, split.optimizer * f, VALIDATE_BATCH)
-    return compute, {**record, "single_rank_samples_per_sec": rates, "scale": f}
+    return compute, {**record, "copies": copies, "single_rank_samples_per_sec": rates, "scale": f}
+
+
+def link_bytes(gbit: float) -> int:
+    """The largest calibration size on a shaped link: about one second per allreduce, 4 B x 4^i,
+    at most 16 MiB (the model reads beyond it along the last segment: a shaped link is linear)."""
+    limit, n = min(gbit * 1e9 / 8, 16 << 20), 4
+    while n * 4 <= limit:
+        n *= 4
+    return n
+
+
+def calibrate_link(prof: dict[str, Any], hosts_arg: str, gbit: float, label: str, out: Path,
+                   timeout: float, tiny: bool) -> dict[str, Any]:
+    """`prof` with its inter-node fits measured again on the shaped link (bench allreduce across
+    the hosts as they are shaped now): shaped links deliver well under their nominal rate here
+    (htb on the namespace veths), which a flag cannot know."""
+    from hvdtrain.tools.plan import profile as P
+    spread, n = P.one_per_host(hosts_arg)
+    rows, meta = P.run_bench(out / f"calibrate-{label}", n, spread, 1 << 16 if tiny else link_bytes(gbit),
+                             3 if tiny else 8, timeout, SHAPED_IMPLS)
+    fits = P.fit_bench(rows)[0]
+    return {**prof, "links": {**prof["links"], "inter": {**prof["links"].get("inter", {}), **fits}},
+            "shaping": label, "sources": {**prof.get("sources", {}),
+                                          "inter": {"bench": str(out / f"calibrate-{label}" / "allreduce.json"),
+                                                    "np": n, "failed": meta.get("failed", {})}}}
 
 
 COLUMNS = [("config", "label", "{}"), ("predicted", "predicted", "{:.4g}"), ("measured", "measured", "{:.4g}"),
@@ -202,21 +259,30 @@ def main_validate(args: argparse.Namespace) -> int:
         timeout=args.timeout)
     P.write_profile(prof, out / "profile.json")
     computes, records = {}, {}
-    for name, hidden in dict((c.model, c.hidden) for c in configs).items():
-        computes[name], records[name] = model_compute(name, hidden, out / "runs", args.timeout, args.repeats, args.tiny)
-    results = []
-    for c in configs:
-        pred = predict(c, computes[c.model], prof)
-        results.append({"label": c.label, "config": c.__dict__, "steps": steps_for(c, pred["step_seconds"], args.tiny, args.seconds_per_run),
-                        "predicted": pred["samples_per_second"], "predicted_step_seconds": pred["step_seconds"],
-                        "predicted_cycle": predict(c, computes[c.model], prof, "cycle")["samples_per_second"]
-                        if c.k is None else pred["samples_per_second"], "runs": []})
-    by_label = {r["label"]: r for r in results}
+    for name, hidden, copies in dict.fromkeys((c.model, c.hidden, 2 if c.hosts == 1 else 1) for c in configs):
+        computes[name, copies], records[f"{name} x{copies}"] = model_compute(
+            name, hidden, out / "runs", args.timeout, args.repeats, args.tiny, copies)
+    results, profiles = [], {"local": prof, "unshaped": prof}
+    by_label = {}
     try:
         for link in dict.fromkeys(c.link for c in configs):
             mine = [c for c in configs if c.link == link]
             if mine[0].hosts == 2:
                 shape_link(mine[0].gbit, link)
+                if mine[0].gbit is not None:
+                    profiles[link] = calibrate_link(prof, args.hosts, mine[0].gbit, link, out / "calibrate",
+                                                    args.timeout, args.tiny)
+                    P.write_profile(profiles[link], out / f"profile-{link}.json")
+            for c in mine:
+                compute = computes[c.model, 2 if c.hosts == 1 else 1]
+                pred = predict(c, compute, profiles[link])
+                by_label[c.label] = {
+                    "label": c.label, "config": c.__dict__, "profile": link,
+                    "steps": steps_for(c, pred["step_seconds"], args.tiny, args.seconds_per_run),
+                    "predicted": pred["samples_per_second"], "predicted_step_seconds": pred["step_seconds"],
+                    "predicted_cycle": predict(c, compute, profiles[link], "cycle")["samples_per_second"]
+                    if c.k is None else pred["samples_per_second"], "runs": []}
+                results.append(by_label[c.label])
             for rep, c in interleaved_order(mine, args.repeats):
                 r = by_label[c.label]
                 ranks = 2
