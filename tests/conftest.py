@@ -87,12 +87,3 @@ def _mpi_never_starts_in_the_test_process():
     if leaked:
         pytest.fail(f"this test started MPI in pytest's process (it left {b', '.join(leaked).decode()} in the "
                     f"environment); start MPI in a subprocess")
-
-
-def pytest_collection_modifyitems(config, items):
-    """Under pytest-xdist (`make test`: --dist loadgroup) a module is the unit one worker runs: its
-    module- and session-scoped fixtures (a bench's runs, a data set, the fuzz driver) are built once,
-    not once per worker. Tests of machine-wide resources share the group "machine" (their own mark)."""
-    for item in items:
-        if item.get_closest_marker("xdist_group") is None:
-            item.add_marker(pytest.mark.xdist_group(item.module.__name__))

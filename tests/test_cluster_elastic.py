@@ -46,7 +46,6 @@ JOB_TIMEOUT = 150  # the launcher's limit (a hang shows as exit 124)
 WAIT = 90  # for each stage of the job (start, shrink, grow)
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: the local cluster makes network "
                                                           "namespaces, a bridge and sshds")
-pytestmark = pytest.mark.xdist_group("machine")  # the local cluster is machine-wide
 
 
 def hvdtrain(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess:

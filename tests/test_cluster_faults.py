@@ -31,7 +31,7 @@ if os.geteuid() != 0:
     pytest.skip("needs root: the local cluster makes network namespaces, a bridge and sshds",
                 allow_module_level=True)
 
-pytestmark = [pytest.mark.mpi, pytest.mark.xdist_group("machine")]  # the local cluster is machine-wide
+pytestmark = pytest.mark.mpi
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable

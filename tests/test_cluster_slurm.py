@@ -29,7 +29,7 @@ if os.geteuid() != 0:
     pytest.skip("needs root: the local cluster makes network namespaces, sshds and Slurm daemons",
                 allow_module_level=True)
 
-pytestmark = [pytest.mark.mpi, pytest.mark.xdist_group("machine")]  # the local cluster is machine-wide
+pytestmark = pytest.mark.mpi
 
 ROOT = Path(__file__).resolve().parent.parent
 CLUSTER_SLURM = ROOT / "mpi_jobs" / "cluster_slurm.sh"

@@ -21,9 +21,9 @@ SLURM_LOCAL = ROOT / "mpi_jobs" / "slurm_local.sh"
 JOB_TIMEOUT = 300  # seconds for one `sbatch --wait`
 PREEMPTED = 99  # hvdtrain's exit code for "checkpointed on a signal, resume me"
 
-pytestmark = [pytest.mark.skipif(
+pytestmark = pytest.mark.skipif(
     os.geteuid() != 0, reason="the local slurmctld/slurmd need root (run the tests as root, e.g. in CI)"
-), pytest.mark.xdist_group("machine")]  # one worker runs every test of machine-wide daemons and hosts
+)
 
 # Training runs just long enough to show a falling loss; overrides a CPU-only node needs.
 TINY = {"HVDTRAIN_ROWS": "2048", "HVDTRAIN_EPOCHS": "2", "HVDTRAIN_BATCH_SIZE": "32"}

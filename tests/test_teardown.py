@@ -325,7 +325,6 @@ def cluster(shared_cluster):
         shared_cluster.reset()
 
 
-@pytest.mark.xdist_group("machine")  # the local cluster is machine-wide
 @pytest.mark.parametrize("kind", ["compare", "bench allreduce"])
 def test_ranks_on_other_hosts_are_ended_by_the_launchers_teardown(tmp_path, jobs, mark, cluster, kind):
     """SIGTERM to a command whose job spans 2 hosts of the local cluster: it gives its launcher
