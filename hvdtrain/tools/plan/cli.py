@@ -8,8 +8,8 @@ from typing import Any, Callable
 
 from hvdtrain.errors import EXIT_USAGE, EXIT_WRITE, ConfigError, WriteError
 from hvdtrain.tools.launch import MAX_RANKS_PER_CORE, ends_its_jobs, host_cores
-from hvdtrain.tools.plan import model as M
-from hvdtrain.tools.plan import report
+import hvdtrain.tools.plan.model as M
+import hvdtrain.tools.plan.report as report
 from hvdtrain.tools.plan.validate import SECONDS_PER_RUN
 from hvdtrain.tools.plan.core import (DEFAULT_NODES, DEFAULT_SWEEP, OUT_JSON, OUT_MD, OUT_PNG, Options, Result,
                                       build, check, check_options)
@@ -174,12 +174,12 @@ def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.published:
-            from hvdtrain.tools.plan import published
+            import hvdtrain.tools.plan.published as published
             return published.main_published(args)
         if args.calibrate:
             return _calibrate(args)
         if args.validate:
-            from hvdtrain.tools.plan import validate as V
+            import hvdtrain.tools.plan.validate as V
             return V.main_validate(args)
         result = build(options_from(args))
         print_result(result, args.markdown)
@@ -195,8 +195,8 @@ def main(argv: list[str]) -> int:
 
 
 def _calibrate(args: argparse.Namespace) -> int:
-    from hvdtrain.tools.plan import inputs
-    from hvdtrain.tools.plan import profile as P
+    import hvdtrain.tools.plan.inputs as inputs
+    import hvdtrain.tools.plan.profile as P
     check(args.calibrate_np >= 2, f"--calibrate-np {args.calibrate_np} must be >= 2 (an allreduce needs two ranks)")
     check(args.calibrate_max_bytes >= 4, f"--calibrate-max-bytes {args.calibrate_max_bytes} must be >= 4")
     check(args.timeout > 0, f"--timeout {args.timeout} must be > 0")

@@ -7,8 +7,8 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 from hvdtrain.errors import ConfigError
-from hvdtrain.tools.plan import model as M
-from hvdtrain.tools.plan import report
+import hvdtrain.tools.plan.model as M
+import hvdtrain.tools.plan.report as report
 from hvdtrain.tools.plan.profile import DEFAULT_MEMCPY_GBPS, STRATEGY_IMPLS, LinkFlags, read_profile, strategy_links
 
 __all__ = ["plan", "build", "Options", "Result"]
@@ -183,7 +183,7 @@ def _profile(o: Options) -> dict[str, Any] | None:
 
 def resolve(o: Options) -> tuple[M.ModelShape, M.Compute, dict[str, Any] | None, float, dict[str, Any]]:
     """(model shape, one rank's compute, profile, memcpy GB/s, a record of where each came from)."""
-    from hvdtrain.tools.plan import inputs
+    import hvdtrain.tools.plan.inputs as inputs
     profile = _profile(o)
     memcpy = o.memcpy_gbps or (profile or {}).get("memcpy_gbps") or DEFAULT_MEMCPY_GBPS
     src: dict[str, Any] = {"memcpy": "flag" if o.memcpy_gbps else "profile" if (profile or {}).get("memcpy_gbps")

@@ -44,7 +44,7 @@ import math
 from typing import Any
 
 from hvdtrain.tools import tables
-from hvdtrain.tools.plan import model as M
+import hvdtrain.tools.plan.model as M
 
 SOURCE_HOROVOD = ("Horovod docs/benchmarks.rst (horovod.readthedocs.io/en/stable/benchmarks_include.html): "
                   "128 servers x 4 Pascal GPUs, RoCE-capable 25 Gbit/s; 90% Inception V3, 90% ResNet-101, 68% VGG-16")

@@ -42,7 +42,7 @@ from typing import Any, Sequence
 
 from hvdtrain.errors import ConfigError
 from hvdtrain.tools import tables
-from hvdtrain.tools.plan import model as M
+import hvdtrain.tools.plan.model as M
 from hvdtrain.tools.stats import interleaved_order, median
 
 FEATURES, OUTPUTS = 10, 1          # the built-in regression set
@@ -220,7 +220,7 @@ def calibrate_link(prof: dict[str, Any], hosts_arg: str, gbit: float, label: str
     """`prof` with its inter-node fits measured again on the shaped link (bench allreduce across
     the hosts as they are shaped now): shaped links deliver well under their nominal rate here
     (htb on the namespace veths), which a flag cannot know."""
-    from hvdtrain.tools.plan import profile as P
+    import hvdtrain.tools.plan.profile as P
     spread, n = P.one_per_host(hosts_arg)
     rows, meta = P.run_bench(out / f"calibrate-{label}", n, spread, 1 << 16 if tiny else link_bytes(gbit),
                              3 if tiny else 8, timeout, SHAPED_IMPLS)
@@ -243,7 +243,7 @@ def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def main_validate(args: argparse.Namespace) -> int:
-    from hvdtrain.tools.plan import profile as P
+    import hvdtrain.tools.plan.profile as P
     from hvdtrain.tools.plan.report import write_file
     if not args.seconds_per_run > 0:
         raise ConfigError(f"--seconds-per-run {args.seconds_per_run} must be > 0")
